@@ -1,0 +1,163 @@
+"""Backbones by timm name (or any ``nn.Module``) and the multi-crop student/teacher network."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from lightning_dino.head import DINOHead
+
+
+def _timm_kwargs(name: str, drop_path_rate: float, extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """Candidate keyword sets for ``timm.create_model``, most specific first."""
+    base = {"pretrained": False, "num_classes": 0, **extra}
+    with_dpr = {**base, "drop_path_rate": drop_path_rate} if "drop_path_rate" not in extra else base
+    candidates = [with_dpr, base]
+    if "dynamic_img_size" not in extra:
+        candidates.insert(0, {**with_dpr, "dynamic_img_size": True})
+    return candidates
+
+
+def create_timm_backbone(
+    name: str, drop_path_rate: float = 0.0, backbone_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """Create a timm model without classifier that returns pooled features (B, D).
+
+    ViTs (and any model that accepts it) get ``dynamic_img_size=True`` so global and local crops
+    of different sizes go through the same network with interpolated position embeddings.
+    ``drop_path_rate`` is passed when the model accepts it. Weights are never downloaded.
+
+    Args:
+        name: A timm model name, e.g. ``"vit_small_patch16_224"`` or ``"resnet50"``.
+        drop_path_rate: Stochastic depth rate (0.1 for the DINO student, 0 for the teacher).
+        backbone_kwargs: Extra keyword arguments for ``timm.create_model`` (``img_size``,
+            ``patch_size``, ``depth``, ``in_chans``...).
+
+    Returns:
+        The backbone module.
+
+    Raises:
+        ValueError: When timm does not know ``name``; the message lists close matches.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"--model.backbone: unknown timm model {name!r}.{hint} "
+            "List all with `python -c 'import timm; print(timm.list_models())'`."
+        )
+    errors = []
+    for kwargs in _timm_kwargs(name, drop_path_rate, dict(backbone_kwargs or {})):
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as err:  # the model does not take one of the optional arguments
+            errors.append(str(err))
+    raise TypeError(f"could not create timm model {name!r}: {errors[-1]}")
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """Output feature dimension of a backbone: ``num_features`` or ``embed_dim``, else probed.
+
+    Args:
+        backbone: A module mapping (B, C, H, W) images to (B, D) features.
+
+    Returns:
+        D.
+    """
+    for attr in ("num_features", "embed_dim"):
+        value = getattr(backbone, attr, None)
+        if isinstance(value, int):
+            return value
+    with torch.no_grad():
+        was_training = backbone.training
+        out = backbone.eval()(torch.zeros(2, 3, 224, 224))
+        backbone.train(was_training)
+    if out.ndim != 2:
+        raise ValueError(f"the backbone must return (B, D) features, got shape {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is a ViT-like model (has ``patch_embed`` and ``blocks``)."""
+    return hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks")
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + DINO head that runs a list of crops with one backbone call per resolution.
+
+    Consecutive crops of the same size are concatenated along the batch and go through the
+    backbone together (two calls for 224 + 96 px crops), then all features go through the head in
+    one call. The output is crop-major, as the loss expects.
+
+    Args:
+        backbone: Feature extractor mapping (B, C, H, W) to (B, D).
+        head: The projection head.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[Tensor]) -> Tensor:
+        """Project every crop.
+
+        Args:
+            crops: List of n_crops tensors of shape (B, C, H_i, W_i), crop-major.
+
+        Returns:
+            Logits of shape (n_crops, B, K).
+        """
+        batch = crops[0].shape[0]
+        features = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            group = crops[start] if end == start + 1 else torch.cat(crops[start:end])
+            features.append(self.backbone(group))
+            start = end
+        logits = self.head(torch.cat(features) if len(features) > 1 else features[0])
+        return logits.reshape(len(crops), batch, -1)
+
+
+def build_student_teacher(
+    backbone: str | nn.Module,
+    head_kwargs: dict[str, Any],
+    drop_path_rate: float = 0.1,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> tuple[MultiCropNetwork, MultiCropNetwork]:
+    """Build the student and a separate teacher with the same initial weights.
+
+    The teacher is a distinct module (never the student object), built without stochastic depth,
+    loaded with the student's weights and frozen (``requires_grad=False``).
+
+    Args:
+        backbone: A timm model name or a module returning (B, D) features (deep-copied for the
+            teacher; its own drop-path settings are kept as given).
+        head_kwargs: Keyword arguments of :class:`DINOHead` except ``in_dim``.
+        drop_path_rate: Stochastic depth of the student backbone (timm names only).
+        backbone_kwargs: Extra ``timm.create_model`` arguments (timm names only).
+
+    Returns:
+        ``(student, teacher)``.
+    """
+    if isinstance(backbone, str):
+        student_backbone = create_timm_backbone(backbone, drop_path_rate, backbone_kwargs)
+        teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs)
+    else:
+        student_backbone = backbone
+        teacher_backbone = copy.deepcopy(backbone)
+    in_dim = feature_dim(student_backbone)
+    student = MultiCropNetwork(student_backbone, DINOHead(in_dim, **head_kwargs))
+    teacher_head_kwargs = {**head_kwargs, "norm_last_layer": True}
+    teacher = MultiCropNetwork(teacher_backbone, DINOHead(in_dim, **teacher_head_kwargs))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher

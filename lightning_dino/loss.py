@@ -1,0 +1,130 @@
+"""The DINO self-distillation loss and its centre.
+
+Reference: Caron et al., *Emerging Properties in Self-Supervised Vision Transformers*, ICCV 2021,
+Eq. 3-4 and Algorithm 1; the official `DINOLoss` in facebookresearch/dino `main_dino.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between a centred, sharpened teacher and the student, over crop pairs.
+
+    For every teacher view ``t`` (the global crops) and every student view ``v != t`` the loss
+    takes the batch mean of ``-sum_k softmax((t - c) / tau_t)_k * log_softmax(v / tau_s)_k`` and
+    averages these terms over the ``n_global * n_crops - n_global`` pairs. Softmax, centring and
+    the loss run in fp32 whatever the input dtype.
+
+    The centre ``c`` is an EMA of the batch mean of the raw teacher logits, averaged over every
+    process of a distributed run. In training mode a call updates it *after* computing the loss
+    (with the old centre), as the reference does. Under gradient accumulation set
+    ``defer_center_update = True``: each call then only accumulates the teacher statistics and
+    :meth:`update_center` applies them once per optimizer step (the `DINO` module does this).
+
+    Args:
+        out_dim: Number of prototypes K (the head's output dimension).
+        student_temp: Student softmax temperature tau_s.
+        center_momentum: EMA momentum of the centre (0.9 in the paper; 0.999 collapses).
+
+    Attributes:
+        center: Buffer of shape (1, K).
+        defer_center_update: When True, calls only accumulate statistics for the centre.
+
+    Examples:
+        >>> loss_fn = DINOLoss(out_dim=16)
+        >>> student = torch.randn(4, 8, 16)  # 2 global + 2 local crops, batch 8
+        >>> teacher = torch.randn(2, 8, 16)
+        >>> loss = loss_fn(student, teacher, teacher_temp=0.04)
+    """
+
+    center: Tensor
+    _pending_sum: Tensor
+    _pending_count: Tensor
+
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__()
+        if out_dim < 2:
+            raise ValueError(f"out_dim must be >= 2 for a softmax over prototypes, got {out_dim}")
+        if not 0.0 <= center_momentum < 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.defer_center_update = False
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("_pending_sum", torch.zeros(out_dim), persistent=False)
+        self.register_buffer("_pending_count", torch.zeros(()), persistent=False)
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float) -> Tensor:
+        """Compute the loss and, in training mode, update (or accumulate) the centre.
+
+        Args:
+            student_out: Student logits, shape (n_crops, B, K); crops ``0..n_global-1`` are the
+                same views as the teacher's.
+            teacher_out: Raw teacher logits of the global crops, shape (n_global, B, K).
+            teacher_temp: Teacher temperature tau_t for this step.
+
+        Returns:
+            Scalar loss: mean over pairs of the batch-mean cross-entropy.
+        """
+        n_global = teacher_out.shape[0]
+        n_crops = student_out.shape[0]
+        if student_out.shape[1:] != teacher_out.shape[1:] or n_crops < n_global:
+            raise ValueError(
+                "expected student_out (n_crops, B, K) and teacher_out (n_global, B, K) with "
+                f"n_crops >= n_global; got {tuple(student_out.shape)} and "
+                f"{tuple(teacher_out.shape)}"
+            )
+        if n_crops == 1:
+            raise ValueError("the DINO loss needs at least 2 crops (no pair with v != t)")
+        log_p_student = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        teacher_raw = teacher_out.detach().float()
+        p_teacher = F.softmax((teacher_raw - self.center) / teacher_temp, dim=-1)
+        # ce[t, v] = batch mean of -sum_k p_t * log p_v for every (teacher view, student view).
+        ce = -torch.einsum("tbk,vbk->tv", p_teacher, log_p_student) / student_out.shape[1]
+        same_view = torch.eye(n_global, n_crops, dtype=torch.bool, device=ce.device)
+        loss = ce.masked_fill(same_view, 0.0).sum() / (n_global * n_crops - n_global)
+        if self.training:
+            self.accumulate_center(teacher_raw)
+            if not self.defer_center_update:
+                self.update_center()
+        return loss
+
+    @torch.no_grad()
+    def accumulate_center(self, teacher_out: Tensor) -> None:
+        """Add a batch of raw teacher logits to the statistics of the next centre update.
+
+        Args:
+            teacher_out: Raw teacher logits, shape (n_global, B, K).
+        """
+        flat = teacher_out.detach().float().reshape(-1, self.out_dim)
+        self._pending_sum += flat.sum(dim=0)
+        self._pending_count += flat.shape[0]
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        """Apply the accumulated teacher statistics: ``c <- m c + (1 - m) mean``.
+
+        The sum and count are all-reduced over every process first, so the mean is the global
+        mean over all ranks' global crops. Does nothing when nothing was accumulated.
+        """
+        stats = torch.cat([self._pending_sum, self._pending_count.reshape(1)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        count = stats[-1]
+        if count > 0:
+            batch_center = (stats[:-1] / count).unsqueeze(0)
+            self.center.mul_(self.center_momentum).add_(
+                batch_center, alpha=1 - self.center_momentum
+            )
+        self._pending_sum.zero_()
+        self._pending_count.zero_()

@@ -1,0 +1,303 @@
+"""The DINO LightningModule: student, momentum teacher, loss, optimizer and schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_dino.backbones import build_student_teacher
+from lightning_dino.loss import DINOLoss
+from lightning_dino.schedules import cosine_schedule, teacher_temperature
+from lightning_dino.teacher import TeacherEMA
+
+Batch = tuple[list[Tensor], Tensor] | list[Tensor]
+
+
+def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """Split trainable parameters into a weight-decay group and a no-decay group.
+
+    As in the reference: biases and every 1-D parameter (norm weights) get no weight decay; all
+    other trainable parameters (``cls_token`` and ``pos_embed`` included) do.
+
+    Args:
+        module: The network whose trainable parameters are grouped.
+
+    Returns:
+        ``[{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay",
+        "weight_decay": 0.0}]``.
+    """
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "name": "decay"},
+        {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def clip_gradients_per_tensor(params: list[nn.Parameter], max_norm: float) -> None:
+    """Clip each parameter's gradient to L2 norm ``max_norm`` independently (DINO's clip).
+
+    Not a global-norm clip: every tensor gets its own factor ``min(1, max_norm / (norm + 1e-6))``.
+
+    Args:
+        params: Parameters whose ``.grad`` (when not None) is clipped in place.
+        max_norm: Largest allowed L2 norm per tensor.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, factors)
+
+
+class DINO(pl.LightningModule):
+    """DINO self-distillation with a momentum teacher (Caron et al., ICCV 2021).
+
+    Defaults are the reference's command-line defaults (``main_dino.py``); the paper's boosted
+    recipe (teacher temperature 0.04 -> 0.07 over 30 epochs, ``norm_last_layer=False``) is a config.
+
+    Training batches are ``(crops, labels)`` (labels ignored) or a bare list of crops: crop-major
+    tensors ``[g1, g2, l1..lN]`` of shape (B, C, H, W). The teacher sees the first
+    ``n_global_crops`` crops under no_grad; the student sees all of them, one backbone call per
+    resolution and one head call.
+
+    Args:
+        backbone: A timm model name (any timm model; ViTs get dynamic image size) or an
+            ``nn.Module`` returning (B, D) features.
+        backbone_kwargs: Extra ``timm.create_model`` arguments (``img_size``, ``patch_size``...).
+        drop_path_rate: Stochastic depth of the student backbone (the teacher has none).
+        out_dim: Number of prototypes K of the head.
+        hidden_dim: Hidden width of the head's MLP.
+        bottleneck_dim: Dimension of the head's L2-normalised bottleneck.
+        n_head_layers: Number of Linear layers of the head's MLP.
+        use_bn_in_head: BatchNorm in the head's MLP.
+        norm_last_layer: Freeze the weight-norm magnitude of the student's last layer at 1.
+        n_global_crops: How many leading crops are global (teacher) views.
+        student_temp: Student temperature.
+        teacher_temp: Teacher temperature after the warmup.
+        warmup_teacher_temp: Teacher temperature at epoch 0.
+        warmup_teacher_temp_epochs: Epochs of linear teacher-temperature warmup (per epoch).
+        center_momentum: EMA momentum of the loss centre.
+        momentum_teacher: Teacher EMA momentum at step 0; cosine to 1 over all steps.
+        lr: Base learning rate for a global batch of 256; the peak is
+            ``lr * per_device_batch * devices * accumulate_grad_batches / 256``.
+        min_lr: Final learning rate of the cosine decay.
+        warmup_epochs: Epochs of linear learning-rate warmup (applied per step).
+        weight_decay: Weight decay at step 0 (decay group only).
+        weight_decay_end: Weight decay at the last step (cosine, per step).
+        clip_grad: Per-tensor gradient-norm clip after unscaling; 0 disables.
+        freeze_last_layer: Epochs during which the head's last-layer gradients are dropped (set to
+            None, so AdamW applies neither the update nor weight decay).
+        optimizer: ``"adamw"`` (fused where supported) or ``"sgd"`` (momentum 0.9).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "vit_small_patch16_224",
+        backbone_kwargs: dict[str, Any] | None = None,
+        drop_path_rate: float = 0.1,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        n_head_layers: int = 3,
+        use_bn_in_head: bool = False,
+        norm_last_layer: bool = True,
+        n_global_crops: int = 2,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        center_momentum: float = 0.9,
+        momentum_teacher: float = 0.996,
+        lr: float = 0.0005,
+        min_lr: float = 1e-6,
+        warmup_epochs: int = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        clip_grad: float = 3.0,
+        freeze_last_layer: int = 1,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        _validate(self.hparams)
+        self.student, self.teacher = build_student_teacher(
+            backbone,
+            head_kwargs={
+                "out_dim": out_dim,
+                "hidden_dim": hidden_dim,
+                "bottleneck_dim": bottleneck_dim,
+                "n_layers": n_head_layers,
+                "use_bn": use_bn_in_head,
+                "norm_last_layer": norm_last_layer,
+            },
+            drop_path_rate=drop_path_rate,
+            backbone_kwargs=backbone_kwargs,
+        )
+        self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
+        # The module applies the centre once per optimizer step (see on_before_optimizer_step).
+        self.loss.defer_center_update = True
+        self.total_steps = 1
+        self.steps_per_epoch = 1
+        self.peak_lr = lr
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The teacher EMA is part of the method, so the module always brings it."""
+        return [TeacherEMA(base_momentum=self.hparams.momentum_teacher, final_momentum=1.0)]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Teacher backbone features, the representation DINO evaluates and exports.
+
+        Args:
+            images: Shape (B, C, H, W).
+
+        Returns:
+            Features of shape (B, D).
+        """
+        return self.teacher.backbone(images)
+
+    # Schedules -----------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        """Fix the run length and the peak learning rate the per-step schedules use."""
+        trainer = self.trainer
+        self.total_steps = int(trainer.estimated_stepping_batches)
+        batches = trainer.num_training_batches
+        accumulate = trainer.accumulate_grad_batches
+        self.steps_per_epoch = (
+            max(1, math.ceil(batches / accumulate))
+            if math.isfinite(batches)
+            else max(1, self.total_steps // max(1, trainer.max_epochs or 1))
+        )
+        self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
+
+    def learning_rate(self, step: int) -> float:
+        """Learning rate at optimizer step ``step``: linear warmup, then cosine to ``min_lr``."""
+        return cosine_schedule(
+            step,
+            self.total_steps,
+            start=self.peak_lr,
+            end=self.hparams.min_lr,
+            warmup_steps=self.hparams.warmup_epochs * self.steps_per_epoch,
+        )
+
+    def weight_decay(self, step: int) -> float:
+        """Weight decay at step ``step``: cosine from ``weight_decay`` to ``weight_decay_end``."""
+        return cosine_schedule(
+            step, self.total_steps, self.hparams.weight_decay, self.hparams.weight_decay_end
+        )
+
+    def teacher_temp(self, epoch: int) -> float:
+        """Teacher temperature at ``epoch`` (per-epoch linear warmup, then constant)."""
+        return teacher_temperature(
+            epoch,
+            self.hparams.teacher_temp,
+            self.hparams.warmup_teacher_temp,
+            self.hparams.warmup_teacher_temp_epochs,
+        )
+
+    def global_batch_size(self) -> int:
+        """Per-device batch x devices x gradient accumulation, the batch the lr is scaled by."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            per_device = self.trainer.train_dataloader.batch_size
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    # Optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW (or SGD) over the student only, with decay / no-decay parameter groups.
+
+        Learning rate and weight decay are set from the schedules at every step, so the
+        optimizer is built with placeholders.
+        """
+        groups = parameter_groups(self.student)
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        fused = self.device.type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=0.0, fused=fused)
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Set this step's learning rate and weight decay on the optimizer."""
+        step = self.global_step
+        lr, wd = self.learning_rate(step), self.weight_decay(step)
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group.get("name") == "decay" else 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Per-tensor clip (gradients are already unscaled here), last-layer freeze, centre."""
+        if self.hparams.clip_grad > 0:
+            clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)
+        if self.current_epoch < self.hparams.freeze_last_layer:
+            for param in self.student.head.last_layer.parameters():
+                param.grad = None
+        self.loss.update_center()
+
+    # Training ------------------------------------------------------------------------------
+
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """One DINO step: teacher on global crops, student on all crops, loss."""
+        crops = (
+            batch[0] if isinstance(batch, tuple | list) and isinstance(batch[0], list) else batch
+        )
+        n_global = self.hparams.n_global_crops
+        if len(crops) < n_global:
+            raise ValueError(f"got {len(crops)} crops but n_global_crops={n_global}")
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:n_global])
+        student_out = self.student(crops)
+        temp = self.teacher_temp(self.current_epoch)
+        loss = self.loss(student_out, teacher_out, temp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite DINO loss ({loss.item()}) at global step {self.global_step}, epoch "
+                f"{self.current_epoch}. Likely fixes: --trainer.precision bf16-mixed or 32 instead "
+                "of 16-mixed, a lower --model.lr, a lower --model.teacher_temp, or a smaller "
+                "--model.clip_grad. The last checkpoint written before this step is intact."
+            )
+        batch_size = crops[0].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {
+                "train/lr": self.optimizers().optimizer.param_groups[0]["lr"],
+                "train/weight_decay": self.optimizers().optimizer.param_groups[0]["weight_decay"],
+                "train/teacher_temp": temp,
+            },
+            batch_size=batch_size,
+        )
+        return {"loss": loss}
+
+
+def _validate(hparams: Any) -> None:
+    """Fail fast, before any data is read, on settings that cannot work."""
+    checks = [
+        (hparams.out_dim >= 2, "out_dim", "use at least 2 prototypes (65536 in the paper)"),
+        (hparams.student_temp > 0, "student_temp", "use a positive temperature (0.1)"),
+        (hparams.teacher_temp > 0, "teacher_temp", "use a positive temperature (0.04-0.07)"),
+        (hparams.warmup_teacher_temp > 0, "warmup_teacher_temp", "use a positive temperature"),
+        (0 <= hparams.center_momentum < 1, "center_momentum", "use a value in [0, 1) (0.9)"),
+        (0 <= hparams.momentum_teacher <= 1, "momentum_teacher", "use a value in [0, 1] (0.996)"),
+        (hparams.lr > 0, "lr", "use a positive base learning rate (0.0005)"),
+        (hparams.min_lr >= 0, "min_lr", "use a non-negative value"),
+        (hparams.warmup_epochs >= 0, "warmup_epochs", "use a non-negative number of epochs"),
+        (hparams.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
+        (hparams.n_global_crops in (1, 2), "n_global_crops", "use 1 or 2 global crops"),
+        (hparams.freeze_last_layer >= 0, "freeze_last_layer", "use a non-negative epoch count"),
+    ]
+    for ok, key, fix in checks:
+        if not ok:
+            raise ValueError(f"--model.{key}={hparams[key]!r} is invalid: {fix}.")

@@ -1,0 +1,87 @@
+"""The momentum teacher: a pure EMA update and the callback applying it once per optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_dino.schedules import cosine_schedule
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """Update the teacher in place: ``theta_t <- m * theta_t + (1 - m) * theta_s``.
+
+    Runs over *all* parameters of both modules in the same order, frozen ones (such as a frozen
+    weight-norm magnitude) included, as the reference does; buffers are left alone. Uses
+    ``torch._foreach_lerp_`` (one fused call, no per-parameter Python loop).
+
+    Args:
+        teacher: The EMA copy, updated in place.
+        student: The trained network with the same architecture.
+        momentum: EMA momentum m in [0, 1].
+    """
+    teacher_params = list(teacher.parameters())
+    student_params = list(student.parameters())
+    if len(teacher_params) != len(student_params):
+        raise ValueError(
+            f"teacher has {len(teacher_params)} parameters but student has {len(student_params)}; "
+            "they must be the same architecture"
+        )
+    if momentum == 1.0:
+        return
+    torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - momentum)
+
+
+class TeacherEMA(Callback):
+    """Moves ``pl_module.teacher`` towards ``pl_module.student`` after every optimizer step.
+
+    The momentum follows a cosine from ``base_momentum`` to ``final_momentum`` over all optimizer
+    steps of the run (``trainer.estimated_stepping_batches``), indexed by ``global_step``. The
+    update happens in ``on_train_batch_end`` only when ``global_step`` advanced, so under gradient
+    accumulation the teacher moves once per optimizer step, not once per micro-batch.
+
+    Args:
+        base_momentum: Momentum at step 0 (0.996 in the paper).
+        final_momentum: Momentum at the end of training (1.0).
+    """
+
+    def __init__(self, base_momentum: float = 0.996, final_momentum: float = 1.0) -> None:
+        if not 0.0 <= base_momentum <= 1.0 or not 0.0 <= final_momentum <= 1.0:
+            raise ValueError(
+                f"teacher momentum must be in [0, 1], got {base_momentum} -> {final_momentum}"
+            )
+        self.base_momentum = base_momentum
+        self.final_momentum = final_momentum
+        self._last_step = -1
+        self._total_steps = 1
+
+    def momentum(self, step: int, total_steps: int) -> float:
+        """Teacher momentum used after optimizer step ``step`` (zero-based)."""
+        return cosine_schedule(step, total_steps, self.base_momentum, self.final_momentum)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the step the run (or resumed run) starts at and the run length."""
+        self._last_step = trainer.global_step
+        self._total_steps = int(trainer.estimated_stepping_batches)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Apply the EMA when an optimizer step was taken since the last call."""
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        m = self.momentum(step - 1, self._total_steps)
+        ema_update(pl_module.teacher, pl_module.student, m)
+        pl_module.log("train/teacher_momentum", m, on_step=True, on_epoch=False)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny DINO models and multi-crop batches that run in a second on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_VIT = {
+    "backbone": "vit_tiny_patch16_224",
+    "backbone_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+    "out_dim": 64,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+}
+
+
+class RandomCrops(Dataset):
+    """n samples of [2 global (3, g, g)] + [n_local (3, l, l)] random crops and a label."""
+
+    def __init__(self, n: int = 16, n_local: int = 2, global_size: int = 32, local_size: int = 16, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.globals = torch.randn(n, 2, 3, global_size, global_size, generator=gen)
+        self.locals = torch.randn(n, n_local, 3, local_size, local_size, generator=gen)
+        self.labels = torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return [*self.globals[i], *self.locals[i]], self.labels[i]
+
+
+class CropData(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 4, **kwargs):
+        super().__init__()
+        self.batch_size = batch_size
+        self.dataset = RandomCrops(**kwargs)
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True)
+
+
+@pytest.fixture
+def tiny_vit_kwargs():
+    return dict(TINY_VIT)
+
+
+def make_trainer(**kwargs) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "max_epochs": 1,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
