@@ -1,0 +1,41 @@
+"""Data for DINO: multi-crop augmentation, datasets and the Lightning data module."""
+
+from lightning_dino.data.datamodule import MultiCropDataModule
+from lightning_dino.data.datasets import (
+    IMG_EXTENSIONS,
+    UNLABELED,
+    ImageFolderDataset,
+    TensorImageDataset,
+    TransformDataset,
+    load_fashion_mnist,
+    load_image,
+    make_synthetic_images,
+    torchvision_dataset,
+)
+from lightning_dino.data.transforms import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    MultiCropTransform,
+)
+
+__all__ = [
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMG_EXTENSIONS",
+    "UNLABELED",
+    "EvalTransform",
+    "ImageFolderDataset",
+    "MultiCropDataModule",
+    "MultiCropTransform",
+    "TensorImageDataset",
+    "TransformDataset",
+    "load_fashion_mnist",
+    "load_image",
+    "make_synthetic_images",
+    "torchvision_dataset",
+]

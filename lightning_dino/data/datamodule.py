@@ -1,0 +1,450 @@
+"""LightningDataModule serving DINO multi-crop batches and k-NN evaluation batches."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal, get_args
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_dino.data.datasets import (
+    ImageFolderDataset,
+    TensorImageDataset,
+    TransformDataset,
+    load_fashion_mnist,
+    make_synthetic_images,
+    torchvision_dataset,
+)
+from lightning_dino.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    MultiCropTransform,
+)
+
+DatasetName = Literal["folder", "fashion_mnist", "cifar10", "stl10", "synthetic"]
+
+_MAX_DEFAULT_WORKERS = 8
+_SPLIT_SEED = 0  # fixes the folder hold-out and the ``subset`` draw
+_NEEDS_DATA_DIR = ("folder", "cifar10", "stl10")
+_DOWNLOADABLE = ("fashion_mnist", "cifar10", "stl10")
+_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "stl10": 10}
+
+
+class MultiCropDataModule(pl.LightningDataModule):
+    """Multi-crop training data and labelled k-NN evaluation data for DINO.
+
+    ``train_dataloader()`` yields ``(crops, labels)``: ``crops`` is a crop-major list
+    ``[g1, g2, l1, ..., lN]`` of float32 tensors (batch_size, 3, H, W) (H = W =
+    ``global_crop_size`` for global crops, ``local_crop_size`` for local ones) and
+    ``labels`` is int64 (batch_size,), -1 where the data has no labels. It shuffles and
+    drops the last incomplete batch. ``knn_train_dataloader()`` and ``knn_val_dataloader()``
+    yield ``(images, labels)`` of shapes (B, 3, eval_size, eval_size) and (B,) with the
+    evaluation transform, in a fixed order, keeping every sample.
+
+    Splits (train / k-NN train / k-NN val):
+
+    * ``synthetic``: ``synthetic_size`` generated images / the same images / another
+      ``max(synthetic_size // 4, 1)`` images of the same classes.
+    * ``fashion_mnist`` and ``cifar10``: train / train / test.
+    * ``stl10``: train+unlabeled (105,000 images, 100,000 with label -1) / train / test.
+    * ``folder``: the image tree is ``data_dir/train`` if that exists, else ``data_dir``.
+      With a ``data_dir/val`` next to ``train``, the splits are train / labelled train /
+      labelled val (ImageNet's layout). Otherwise a fixed random ``val_fraction`` of the
+      labelled images is held out for k-NN val, and the rest (with any unlabeled images)
+      is used for training and k-NN train. A folder without class subfolders has no k-NN
+      data.
+
+    Args:
+        dataset: Which data to use.
+        data_dir: Image folder (``folder``), torchvision root (``cifar10``, ``stl10``) or
+            idx directory (``fashion_mnist``; also searches ``data_dir/FashionMNIST/raw``
+            and ``/usr/share/datasets/fashion-mnist``). Unused by ``synthetic``.
+        batch_size: Training images per device (each gives ``n_crops`` crops).
+        num_workers: DataLoader worker processes per device; None picks
+            ``min(available CPUs // devices, 8)``; 0 loads in the main process.
+        pin_memory: Pin host memory for faster GPU copies; None pins when CUDA is available.
+        download: Download ``fashion_mnist``, ``cifar10`` or ``stl10`` into ``data_dir`` if
+            missing.
+        global_crop_size: Side of global crops, in pixels.
+        local_crop_size: Side of local crops, in pixels.
+        n_local_crops: Number of local crops per image (0 disables multi-crop).
+        global_crop_scale: (min, max) area fraction of global crops.
+        local_crop_scale: (min, max) area fraction of local crops.
+        n_global_crops: Number of global crops per image.
+        hflip_p: Horizontal flip probability.
+        color_jitter: (brightness, contrast, saturation, hue) jitter strengths.
+        color_jitter_p: Probability of colour jitter.
+        grayscale_p: Probability of grayscale conversion.
+        blur_p: Gaussian blur probability for (global 1, global 2+, local) crops.
+        blur_sigma: (min, max) blur sigma in pixels of the crop.
+        solarize_p: Solarisation probability of global crops 2+.
+        mean: Normalisation mean per channel. The default is ImageNet's; Fashion-MNIST
+            configs should pass (0.286, 0.286, 0.286).
+        std: Normalisation std per channel. The default is ImageNet's; Fashion-MNIST
+            configs should pass (0.353, 0.353, 0.353).
+        eval_size: Side of k-NN images; None uses ``global_crop_size``.
+        eval_resize: Shorter side before the k-NN center crop; None uses
+            ``round(eval_size / 0.875)``; equal to ``eval_size`` to skip cropping.
+        eval_batch_size: Batch size of the k-NN loaders; None uses ``batch_size``.
+        skip_corrupt: Skip unreadable image files with a warning instead of raising.
+        val_fraction: Fraction of a ``folder`` dataset's labelled images held out for
+            k-NN val when it has no ``val/`` subfolder; 0 disables k-NN val.
+        subset: Use at most this many images of each split (a fixed random draw), for
+            quick runs; None uses everything.
+        synthetic_size: Number of ``synthetic`` training images.
+        synthetic_image_size: Side of ``synthetic`` images, in pixels.
+        synthetic_num_classes: Number of ``synthetic`` classes.
+
+    Raises:
+        ValueError: If an argument is invalid; the message names the ``--data.`` key.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetName = "synthetic",
+        data_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        download: bool = False,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        n_local_crops: int = 8,
+        global_crop_scale: tuple[float, float] = (0.4, 1.0),
+        local_crop_scale: tuple[float, float] = (0.05, 0.4),
+        n_global_crops: int = 2,
+        hflip_p: float = 0.5,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: float = 0.2,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        eval_size: int | None = None,
+        eval_resize: int | None = None,
+        eval_batch_size: int | None = None,
+        skip_corrupt: bool = True,
+        val_fraction: float = 0.1,
+        subset: int | None = None,
+        synthetic_size: int = 512,
+        synthetic_image_size: int = 32,
+        synthetic_num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_arguments()
+        try:
+            self.train_transform = MultiCropTransform(
+                global_crop_size=global_crop_size,
+                local_crop_size=local_crop_size,
+                n_local_crops=n_local_crops,
+                global_crop_scale=global_crop_scale,
+                local_crop_scale=local_crop_scale,
+                n_global_crops=n_global_crops,
+                hflip_p=hflip_p,
+                color_jitter=color_jitter,
+                color_jitter_p=color_jitter_p,
+                grayscale_p=grayscale_p,
+                blur_p=blur_p,
+                blur_sigma=blur_sigma,
+                solarize_p=solarize_p,
+                mean=mean,
+                std=std,
+            )
+        except ValueError as err:  # messages start with the argument's name
+            raise ValueError(f"--data.{err}") from err
+        self.eval_transform = EvalTransform(
+            eval_size or global_crop_size, eval_resize, mean=mean, std=std
+        )
+        self.train_dataset: Dataset | None = None
+        self.knn_train_dataset: Dataset | None = None
+        self.knn_val_dataset: Dataset | None = None
+        self._folder_classes: list[str] | None = None
+
+    def _check_arguments(self) -> None:
+        """Validate the arguments that the transforms do not check."""
+        hp = self.hparams
+        if hp.dataset not in get_args(DatasetName):
+            raise ValueError(
+                f"--data.dataset must be one of {get_args(DatasetName)}, got {hp.dataset!r}"
+            )
+        for key, minimum in [
+            ("batch_size", 1),
+            ("num_workers", 0),
+            ("eval_size", 1),
+            ("eval_batch_size", 1),
+            ("subset", 1),
+            ("synthetic_size", 1),
+            ("synthetic_image_size", 1),
+            ("synthetic_num_classes", 1),
+        ]:
+            if hp[key] is not None and hp[key] < minimum:
+                raise ValueError(f"--data.{key} must be >= {minimum}, got {hp[key]}")
+        eval_size = hp.eval_size or hp.global_crop_size
+        if hp.eval_resize is not None and hp.eval_resize < eval_size:
+            raise ValueError(
+                f"--data.eval_resize ({hp.eval_resize}) must be >= the k-NN image size "
+                f"({eval_size}, --data.eval_size or --data.global_crop_size)"
+            )
+        if not 0.0 <= hp.val_fraction < 1.0:
+            raise ValueError(f"--data.val_fraction must be in [0, 1), got {hp.val_fraction}")
+        if hp.dataset in _NEEDS_DATA_DIR and hp.data_dir is None:
+            raise ValueError(
+                f"--data.data_dir is required for --data.dataset {hp.dataset}: set it to the "
+                f"{'image folder' if hp.dataset == 'folder' else 'torchvision root'}"
+            )
+        if hp.download and hp.dataset not in _DOWNLOADABLE:
+            raise ValueError(
+                f"--data.download applies to {', '.join(_DOWNLOADABLE)}, not to "
+                f"--data.dataset {hp.dataset}; remove it"
+            )
+
+    @property
+    def n_crops(self) -> int:
+        """Crops per training image: ``n_global_crops + n_local_crops``."""
+        return self.train_transform.n_crops
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes, or None for unlabeled data (a flat ``folder``).
+
+        Raises:
+            RuntimeError: For ``folder`` before :meth:`setup` (the classes come from disk).
+        """
+        dataset = self.hparams.dataset
+        if dataset == "synthetic":
+            return self.hparams.synthetic_num_classes
+        if dataset != "folder":
+            return _NUM_CLASSES[dataset]
+        if self._folder_classes is None:
+            raise RuntimeError("num_classes of a folder dataset is known after setup()")
+        return len(self._folder_classes) or None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the data has class labels, as k-NN evaluation needs."""
+        return self.num_classes is not None
+
+    def prepare_data(self) -> None:
+        """Download the dataset files once per node when ``download`` is set."""
+        hp = self.hparams
+        if not hp.download:
+            return
+        if hp.dataset == "fashion_mnist":
+            for train in (True, False):
+                load_fashion_mnist(hp.data_dir, train=train, download=True)
+        else:
+            for split in ("train", "test") if hp.dataset == "cifar10" else ("train+unlabeled",):
+                torchvision_dataset(hp.dataset, hp.data_dir, split, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the training and k-NN datasets (once; later calls do nothing).
+
+        Args:
+            stage: Lightning stage; every stage gets all datasets.
+
+        Raises:
+            ValueError: If ``batch_size`` exceeds the training images per device.
+        """
+        if self.train_dataset is not None:
+            return
+        train, knn_train, knn_val = self._build_splits()
+        self.train_dataset = TransformDataset(self._subset(train), self.train_transform)
+        if knn_train is not None:
+            self.knn_train_dataset = TransformDataset(self._subset(knn_train), self.eval_transform)
+        if knn_val is not None:
+            self.knn_val_dataset = TransformDataset(self._subset(knn_val), self.eval_transform)
+        self._check_batch_size(len(self.train_dataset))
+
+    def _build_splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        """Untransformed (train, k-NN train, k-NN val) datasets of ``(image, label)``."""
+        hp = self.hparams
+        if hp.dataset == "synthetic":
+            train = self._synthetic(hp.synthetic_size, seed=0)
+            return train, train, self._synthetic(max(hp.synthetic_size // 4, 1), seed=1)
+        if hp.dataset == "fashion_mnist":
+            train = TensorImageDataset(*load_fashion_mnist(hp.data_dir, train=True))
+            return train, train, TensorImageDataset(*load_fashion_mnist(hp.data_dir, train=False))
+        if hp.dataset == "cifar10":
+            train = torchvision_dataset("cifar10", hp.data_dir, "train")
+            return train, train, torchvision_dataset("cifar10", hp.data_dir, "test")
+        if hp.dataset == "stl10":
+            return (
+                torchvision_dataset("stl10", hp.data_dir, "train+unlabeled"),
+                torchvision_dataset("stl10", hp.data_dir, "train"),
+                torchvision_dataset("stl10", hp.data_dir, "test"),
+            )
+        return self._folder_splits()
+
+    def _synthetic(self, size: int, seed: int) -> TensorImageDataset:
+        hp = self.hparams
+        images, labels = make_synthetic_images(
+            size, hp.synthetic_image_size, hp.synthetic_num_classes, seed
+        )
+        return TensorImageDataset(images, labels)
+
+    def _folder_splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        """Splits of an image folder: ``train/`` and ``val/`` subfolders, or a hold-out."""
+        root, skip = self.hparams.data_dir, self.hparams.skip_corrupt
+        train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+        has_split_dirs = os.path.isdir(train_dir)
+        data = ImageFolderDataset(train_dir if has_split_dirs else root, skip_corrupt=skip)
+        self._folder_classes = data.classes
+        labelled = [i for i, label in enumerate(data.labels) if label >= 0]
+        if not labelled:
+            return data, None, None
+        if has_split_dirs and os.path.isdir(val_dir):
+            val = ImageFolderDataset(val_dir, skip_corrupt=skip, class_to_idx=data.class_to_idx)
+            val_labelled = [i for i, label in enumerate(val.labels) if label >= 0]
+            knn_val = Subset(val, val_labelled) if val_labelled else None
+            return data, Subset(data, labelled), knn_val
+        held_out = set(_hold_out(labelled, self.hparams.val_fraction))
+        train = Subset(data, [i for i in range(len(data)) if i not in held_out])
+        knn_train = Subset(data, [i for i in labelled if i not in held_out])
+        knn_val = Subset(data, sorted(held_out)) if held_out else None
+        return train, knn_train, knn_val
+
+    def _subset(self, dataset: Dataset) -> Dataset:
+        """At most ``subset`` samples of ``dataset``, a fixed random draw kept in order."""
+        limit, size = self.hparams.subset, len(dataset)  # type: ignore[arg-type]
+        if limit is None or limit >= size:
+            return dataset
+        generator = torch.Generator().manual_seed(_SPLIT_SEED)
+        return Subset(dataset, sorted(torch.randperm(size, generator=generator)[:limit].tolist()))
+
+    def _check_batch_size(self, n_images: int) -> None:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_device = n_images // world_size
+        if self.hparams.batch_size > per_device:
+            raise ValueError(
+                f"--data.batch_size ({self.hparams.batch_size}) exceeds the {per_device} "
+                f"training images per device ({n_images} images over {world_size} "
+                "device(s)), so drop_last would leave no batch; lower --data.batch_size "
+                "or use more data"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled multi-crop batches ``(crops, labels)``, dropping the last partial batch.
+
+        Returns:
+            A DataLoader yielding a list of ``n_crops`` float32 tensors
+            (batch_size, 3, H, W), globals first, and int64 labels (batch_size,).
+        """
+        self.setup()
+        workers = self._num_workers()
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=self._pin_memory(),
+            persistent_workers=workers > 0,
+        )
+
+    def knn_train_dataloader(self) -> DataLoader:
+        """Labelled reference images for k-NN evaluation, in a fixed order.
+
+        Returns:
+            A DataLoader yielding float32 images (B, 3, eval_size, eval_size) and int64
+            labels (B,).
+
+        Raises:
+            RuntimeError: If the data has no labels.
+        """
+        self.setup()
+        return self._eval_loader(self.knn_train_dataset, "k-NN train")
+
+    def knn_val_dataloader(self) -> DataLoader:
+        """Labelled query images for k-NN evaluation, in a fixed order.
+
+        Returns:
+            A DataLoader yielding float32 images (B, 3, eval_size, eval_size) and int64
+            labels (B,).
+
+        Raises:
+            RuntimeError: If the data has no labels or no held-out images.
+        """
+        self.setup()
+        return self._eval_loader(self.knn_val_dataset, "k-NN val")
+
+    def _eval_loader(self, dataset: Dataset | None, name: str) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(self._no_knn_data_message(name))
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self._num_workers(),
+            pin_memory=self._pin_memory(),
+        )
+
+    def _no_knn_data_message(self, name: str) -> str:
+        root = self.hparams.data_dir
+        if not self.has_labels:
+            return (
+                f"{name} data needs labels, but the image folder {root} has no class "
+                f"subfolders; arrange it as {root}/<class>/<image> or turn k-NN evaluation off"
+            )
+        return (
+            f"no {name} data: {root} has no val/<class>/ images and --data.val_fraction "
+            f"({self.hparams.val_fraction}) holds out no labelled image; raise it, or add "
+            "labelled images, or turn k-NN evaluation off"
+        )
+
+    def _num_workers(self) -> int:
+        if self.hparams.num_workers is not None:
+            return self.hparams.num_workers
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return min(max(_available_cpus() // devices, 1), _MAX_DEFAULT_WORKERS)
+
+    def _pin_memory(self) -> bool:
+        pin = self.hparams.pin_memory
+        return torch.cuda.is_available() if pin is None else pin
+
+    def describe(self) -> str:
+        """Summarise the data, crops and loader settings in a few lines.
+
+        Returns:
+            A human-readable multi-line description.
+        """
+        hp = self.hparams
+        lines = [
+            f"dataset: {hp.dataset}" + (f" ({hp.data_dir})" if hp.data_dir else ""),
+            f"crops: {hp.n_global_crops} x {hp.global_crop_size}px + "
+            f"{hp.n_local_crops} x {hp.local_crop_size}px",
+            f"batch_size: {hp.batch_size} per device, workers: {self._num_workers()}",
+        ]
+        if self.train_dataset is None:
+            return "\n".join([*lines, "datasets: not set up"])
+        for name, dataset in [
+            ("train", self.train_dataset),
+            ("knn_train", self.knn_train_dataset),
+            ("knn_val", self.knn_val_dataset),
+        ]:
+            size = "no" if dataset is None else len(dataset)  # type: ignore[arg-type]
+            lines.append(f"{name}: {size} images")
+        return "\n".join(lines)
+
+
+def _hold_out(indices: list[int], fraction: float) -> list[int]:
+    """A fixed random ``ceil(fraction * n)`` of ``indices``, leaving at least one out."""
+    if fraction == 0:
+        return []
+    count = min(math.ceil(fraction * len(indices)), len(indices) - 1)
+    generator = torch.Generator().manual_seed(_SPLIT_SEED)
+    order = torch.randperm(len(indices), generator=generator)[:count].tolist()
+    return [indices[i] for i in order]
+
+
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -1,0 +1,392 @@
+"""DINO multi-crop augmentation and the deterministic evaluation transform.
+
+The augmentations follow the reference code of Caron et al. 2021 (``main_dino.py``
+``DataAugmentationDINO``): two global crops and ``n_local_crops`` local crops, each with a
+random horizontal flip, colour jitter, random grayscale, and Gaussian blur with a
+per-view probability; solarisation on the second global crop only.
+
+Everything runs on ``torchvision.transforms.v2`` with uint8 tensors, which is faster than
+PIL. Grayscale inputs stay single-channel through the augmentations (colour jitter,
+grayscale, blur and solarisation act on them exactly as on a replicated RGB image) and are
+replicated to three channels at the end, so every output fits a backbone with
+``in_chans=3``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN: tuple[float, float, float] = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD: tuple[float, float, float] = (0.3530, 0.3530, 0.3530)
+
+# PIL modes holding 16-bit (or wider integer) grey levels. They are rescaled to 8 bits,
+# not clipped as ``Image.convert`` would. Mode "I" is what 16-bit PNG/TIFF files give on
+# some Pillow versions, so it is treated as 16-bit too.
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+# Reference: kernel ~3 sigma on each side (99.7 % of the Gaussian's mass).
+_BLUR_SIGMAS_COVERED = 3.0
+
+# Reference "solarize" uses PIL's default threshold 128 on uint8 images (0.5 on floats);
+# our pipeline solarises uint8 tensors.
+SOLARIZE_THRESHOLD = 128
+
+
+def to_uint8_tensor(image: Image.Image | Tensor) -> Tensor:
+    """Convert a PIL image or an image tensor to a uint8 tensor, keeping grayscale.
+
+    Args:
+        image: A PIL image of any mode (``1``, ``L``, ``P``, ``LA``, ``RGBA``, ``I;16``, ``I``,
+            ``CMYK``, ``RGB``...) or a uint8 tensor of shape (H, W), (1, H, W) or (3, H, W).
+            16-bit grey levels are rescaled to 8 bits (``round(v / 257)``), palette images
+            are expanded, alpha is dropped (as in the reference ``pil_loader``).
+
+    Returns:
+        A uint8 tensor of shape (1, H, W) for grayscale input, else (3, H, W).
+
+    Raises:
+        TypeError: If ``image`` is neither a PIL image nor a uint8 tensor.
+        ValueError: If a tensor does not have 1 or 3 channels.
+    """
+    if isinstance(image, Image.Image):
+        return _pil_to_uint8_tensor(image)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise TypeError(
+            f"expected a uint8 image tensor, got dtype {image.dtype}; "
+            "convert with (x * 255).round().to(torch.uint8) for images in [0, 1]"
+        )
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(
+            f"expected an image tensor of shape (H, W), (1, H, W) or (3, H, W), "
+            f"got {tuple(image.shape)}"
+        )
+    return image
+
+
+def to_rgb_uint8_tensor(image: Image.Image | Tensor) -> Tensor:
+    """Convert an image like :func:`to_uint8_tensor` and replicate grayscale to 3 channels.
+
+    Args:
+        image: A PIL image of any mode or a uint8 tensor (H, W), (1, H, W) or (3, H, W).
+
+    Returns:
+        A contiguous uint8 tensor of shape (3, H, W).
+    """
+    return _expand_to_rgb(to_uint8_tensor(image)).contiguous()
+
+
+def _pil_to_uint8_tensor(image: Image.Image) -> Tensor:
+    """Convert a PIL image to a uint8 tensor (1, H, W) for grey modes, else (3, H, W)."""
+    if image.mode in _WIDE_GRAY_MODES:
+        levels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        gray = ((levels + 128) // 257).astype(np.uint8)
+        return torch.from_numpy(gray).unsqueeze(0)
+    if image.mode in ("1", "F"):
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA").convert("RGB")
+    elif image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    return F.pil_to_tensor(image)
+
+
+def _expand_to_rgb(image: Tensor) -> Tensor:
+    """Replicate a (1, H, W) image to (3, H, W) (a view); pass (3, H, W) through."""
+    return image.expand(3, -1, -1) if image.shape[-3] == 1 else image
+
+
+def blur_kernel_size(crop_size: int, max_sigma: float) -> int:
+    """Odd Gaussian kernel size covering about 3 sigma on each side, capped by the crop.
+
+    The reference blurs with PIL's ``GaussianBlur(radius=sigma)`` (sigma in pixels of the
+    resized crop, unbounded support). A kernel of ``2 * ceil(3 * max_sigma) + 1`` pixels
+    keeps 99.7 % of the Gaussian's mass for every sampled sigma: 13 for the default
+    sigma range (0.1, 2.0). It is capped at the largest odd size not above the crop size,
+    because reflect padding needs the crop to be wider than half the kernel.
+
+    Args:
+        crop_size: Side of the crop being blurred, in pixels.
+        max_sigma: Largest sigma that will be sampled, in pixels.
+
+    Returns:
+        The kernel size, an odd integer >= 1.
+    """
+    covering = 2 * math.ceil(_BLUR_SIGMAS_COVERED * max_sigma) + 1
+    largest_odd_in_crop = crop_size if crop_size % 2 == 1 else crop_size - 1
+    return max(1, min(covering, largest_odd_in_crop))
+
+
+class MultiCropTransform:
+    """DINO multi-crop augmentation: ``n_global_crops`` global and ``n_local_crops`` local views.
+
+    Each view is an independent draw of: bicubic antialiased ``RandomResizedCrop`` ->
+    horizontal flip -> colour jitter (with probability ``color_jitter_p``) -> random
+    grayscale -> Gaussian blur (probability from ``blur_p``) -> solarisation (second and
+    later global views only) -> float in [0, 1] -> 3 channels -> normalisation.
+    Global view 1 uses ``blur_p[0]``; global views 2 and later use ``blur_p[1]`` and
+    ``solarize_p``; local views use ``blur_p[2]``. Defaults are the reference's.
+
+    Args:
+        global_crop_size: Output side of global crops, in pixels.
+        local_crop_size: Output side of local crops, in pixels.
+        n_local_crops: Number of local crops (0 disables multi-crop).
+        global_crop_scale: (min, max) fraction of the image area a global crop covers.
+        local_crop_scale: (min, max) fraction of the image area a local crop covers.
+        n_global_crops: Number of global crops (the reference uses 2).
+        hflip_p: Probability of a horizontal flip.
+        color_jitter: (brightness, contrast, saturation, hue) strengths of ``ColorJitter``.
+        color_jitter_p: Probability of applying the colour jitter.
+        grayscale_p: Probability of converting a view to grayscale.
+        blur_p: Blur probability for (global view 1, other global views, local views).
+        blur_sigma: (min, max) of the uniformly sampled blur sigma, in pixels of the crop.
+            The kernel size is :func:`blur_kernel_size`.
+        solarize_p: Probability of solarising (threshold 128 of 255) global views 2+.
+        mean: Per-channel normalisation mean, for images in [0, 1].
+        std: Per-channel normalisation std, for images in [0, 1].
+
+    Raises:
+        ValueError: If an argument is out of range; the message starts with its name.
+
+    Examples:
+        >>> transform = MultiCropTransform(global_crop_size=32, local_crop_size=16)
+        >>> crops = transform(torch.zeros(3, 40, 40, dtype=torch.uint8))
+        >>> len(crops), tuple(crops[0].shape), tuple(crops[2].shape)
+        (10, (3, 32, 32), (3, 16, 16))
+    """
+
+    def __init__(
+        self,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        n_local_crops: int = 8,
+        global_crop_scale: tuple[float, float] = (0.4, 1.0),
+        local_crop_scale: tuple[float, float] = (0.05, 0.4),
+        n_global_crops: int = 2,
+        hflip_p: float = 0.5,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: float = 0.2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        _check_min("global_crop_size", global_crop_size, 1)
+        _check_min("local_crop_size", local_crop_size, 1)
+        _check_min("n_global_crops", n_global_crops, 1)
+        _check_min("n_local_crops", n_local_crops, 0)
+        _check_range("global_crop_scale", global_crop_scale)
+        _check_range("local_crop_scale", local_crop_scale)
+        _check_color_jitter(color_jitter)
+        for name, p in [
+            ("hflip_p", hflip_p),
+            ("color_jitter_p", color_jitter_p),
+            ("grayscale_p", grayscale_p),
+            ("solarize_p", solarize_p),
+        ]:
+            _check_probability(name, p)
+        _check_length("blur_p", blur_p, 3)
+        for p in blur_p:
+            _check_probability("blur_p", p)
+        _check_length("blur_sigma", blur_sigma, 2)
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {blur_sigma}")
+        _check_normalisation(mean, std)
+
+        self.n_global_crops = n_global_crops
+        self.n_local_crops = n_local_crops
+        self._hflip_p = hflip_p
+        self._color_jitter = color_jitter
+        self._color_jitter_p = color_jitter_p
+        self._grayscale_p = grayscale_p
+        self._blur_sigma = blur_sigma
+        self._mean = list(mean)
+        self._std = list(std)
+        self.global_transforms: list[v2.Compose] = [
+            self._view_transform(global_crop_size, global_crop_scale, blur_p[0], 0.0)
+        ] + [
+            self._view_transform(global_crop_size, global_crop_scale, blur_p[1], solarize_p)
+            for _ in range(n_global_crops - 1)
+        ]
+        self.local_transform: v2.Compose = self._view_transform(
+            local_crop_size, local_crop_scale, blur_p[2], 0.0
+        )
+
+    @property
+    def n_crops(self) -> int:
+        """Total number of views returned per image."""
+        return self.n_global_crops + self.n_local_crops
+
+    def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
+        """Augment one image into its multi-crop views.
+
+        Args:
+            image: A PIL image of any mode, or a uint8 tensor (H, W), (1, H, W) or (3, H, W).
+
+        Returns:
+            ``[g1, g2, ..., l1, ..., lN]``: global crops of shape
+            (3, global_crop_size, global_crop_size) then local crops of shape
+            (3, local_crop_size, local_crop_size), all float32 and normalised.
+        """
+        pixels = to_uint8_tensor(image)
+        global_views = [transform(pixels) for transform in self.global_transforms]
+        local_views = [self.local_transform(pixels) for _ in range(self.n_local_crops)]
+        return global_views + local_views
+
+    def __repr__(self) -> str:
+        views = [*self.global_transforms, self.local_transform]
+        body = "\n".join(
+            f"  {name}: {view}" for name, view in zip(self._view_names(), views, strict=True)
+        )
+        return f"{type(self).__name__}(\n{body}\n)"
+
+    def _view_names(self) -> list[str]:
+        """Labels of the distinct view pipelines, for ``__repr__``."""
+        names = [f"global_{i + 1}" for i in range(self.n_global_crops)]
+        return [*names, f"local (x{self.n_local_crops})"]
+
+    def _view_transform(
+        self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+    ) -> v2.Compose:
+        """Build one view's pipeline on a uint8 (C, H, W) image, C in {1, 3}."""
+        steps: list[v2.Transform] = [
+            v2.RandomResizedCrop(
+                size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(p=self._hflip_p),
+        ]
+        if any(self._color_jitter) and self._color_jitter_p > 0:
+            steps.append(
+                v2.RandomApply([v2.ColorJitter(*self._color_jitter)], p=self._color_jitter_p)
+            )
+        if self._grayscale_p > 0:
+            steps.append(v2.RandomGrayscale(p=self._grayscale_p))
+        if blur_p > 0:
+            kernel = blur_kernel_size(size, self._blur_sigma[1])
+            blur = v2.GaussianBlur(kernel_size=kernel, sigma=self._blur_sigma)
+            steps.append(v2.RandomApply([blur], p=blur_p))
+        if solarize_p > 0:
+            steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+        steps += _to_normalised_float(self._mean, self._std)
+        return v2.Compose(steps)
+
+
+class EvalTransform:
+    """Deterministic evaluation transform: resize, center crop, normalise.
+
+    ``Resize(resize, bicubic)`` on the shorter side -> ``CenterCrop(size)`` -> float in
+    [0, 1] -> 3 channels -> normalisation. By default ``resize = round(size / 0.875)``, the
+    reference's 256 -> 224 ratio (e.g. 32 -> 37 for CIFAR-sized images); pass
+    ``resize=size`` to only resize (no border is cut away).
+
+    Args:
+        size: Output side, in pixels.
+        resize: Shorter side after resizing, >= ``size``; None for ``round(size / 0.875)``.
+        mean: Per-channel normalisation mean, for images in [0, 1].
+        std: Per-channel normalisation std, for images in [0, 1].
+
+    Raises:
+        ValueError: If ``size`` < 1 or ``resize`` < ``size``.
+
+    Examples:
+        >>> transform = EvalTransform(size=32)
+        >>> tuple(transform(torch.zeros(1, 50, 40, dtype=torch.uint8)).shape)
+        (3, 32, 32)
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        resize: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        _check_min("size", size, 1)
+        resize = round(size / 0.875) if resize is None else resize
+        if resize < size:
+            raise ValueError(f"resize must be >= size ({size}), got {resize}")
+        _check_normalisation(mean, std)
+        self.size = size
+        self.resize = resize
+        self.transform = v2.Compose(
+            [
+                v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.CenterCrop(size),
+                *_to_normalised_float(list(mean), list(std)),
+            ]
+        )
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        """Transform one image.
+
+        Args:
+            image: A PIL image of any mode, or a uint8 tensor (H, W), (1, H, W) or (3, H, W).
+
+        Returns:
+            A float32 tensor of shape (3, size, size), normalised.
+        """
+        return self.transform(to_uint8_tensor(image))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform})"
+
+
+def _to_normalised_float(mean: list[float], std: list[float]) -> list[v2.Transform]:
+    """Steps turning a uint8 (C, H, W) image into a normalised float32 (3, H, W) one."""
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Lambda(_expand_to_rgb),
+        v2.Normalize(mean=mean, std=std),
+    ]
+
+
+def _check_min(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_length(name: str, value: Sequence[float], length: int) -> None:
+    if len(value) != length:
+        raise ValueError(f"{name} must have {length} values, got {tuple(value)}")
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be probabilities in [0, 1], got {p}")
+
+
+def _check_range(name: str, scale: Sequence[float]) -> None:
+    _check_length(name, scale, 2)
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+
+
+def _check_color_jitter(color_jitter: Sequence[float]) -> None:
+    _check_length("color_jitter", color_jitter, 4)
+    if min(color_jitter) < 0 or color_jitter[3] > 0.5:
+        raise ValueError(
+            "color_jitter must be (brightness, contrast, saturation, hue) with all >= 0 and "
+            f"hue <= 0.5, got {tuple(color_jitter)}"
+        )
+
+
+def _check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
+    _check_length("mean", mean, 3)
+    _check_length("std", std, 3)
+    if min(std) <= 0:
+        raise ValueError(f"std must be > 0 for every channel, got {tuple(std)}")
