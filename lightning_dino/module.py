@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_dino.backbones import build_student_teacher
+from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
 from lightning_dino.loss import DINOLoss
+from lightning_dino.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.schedules import cosine_schedule, teacher_temperature
 from lightning_dino.teacher import TeacherEMA
 
@@ -95,7 +97,8 @@ class DINO(pl.LightningModule):
         lr: Base learning rate for a global batch of 256; the peak is
             ``lr * per_device_batch * devices * accumulate_grad_batches / 256``.
         min_lr: Final learning rate of the cosine decay.
-        warmup_epochs: Epochs of linear learning-rate warmup (applied per step).
+        warmup_epochs: Epochs of linear learning-rate warmup, applied per step (may be
+            fractional for short runs).
         weight_decay: Weight decay at step 0 (decay group only).
         weight_decay_end: Weight decay at the last step (cosine, per step).
         clip_grad: Per-tensor gradient-norm clip after unscaling; 0 disables.
@@ -124,7 +127,7 @@ class DINO(pl.LightningModule):
         momentum_teacher: float = 0.996,
         lr: float = 0.0005,
         min_lr: float = 1e-6,
-        warmup_epochs: int = 10,
+        warmup_epochs: float = 10,
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.4,
         clip_grad: float = 3.0,
@@ -155,8 +158,17 @@ class DINO(pl.LightningModule):
         self.peak_lr = lr
 
     def configure_callbacks(self) -> list[Callback]:
-        """The teacher EMA is part of the method, so the module always brings it."""
-        return [TeacherEMA(base_momentum=self.hparams.momentum_teacher, final_momentum=1.0)]
+        """The teacher EMA is part of the method, so the module always brings it.
+
+        It also brings the collapse warning, the throughput log and the crop grid, unless the
+        trainer already has one of those (then the user's own settings are kept).
+        """
+        callbacks: list[Callback] = [TeacherEMA(self.hparams.momentum_teacher, final_momentum=1.0)]
+        present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        for default in (CollapseMonitor, ThroughputLogger, CropGridLogger):
+            if not any(issubclass(kind, default) for kind in present):
+                callbacks.append(default())
+        return callbacks
 
     def forward(self, images: Tensor) -> Tensor:
         """Teacher backbone features, the representation DINO evaluates and exports.
@@ -191,7 +203,7 @@ class DINO(pl.LightningModule):
             self.total_steps,
             start=self.peak_lr,
             end=self.hparams.min_lr,
-            warmup_steps=self.hparams.warmup_epochs * self.steps_per_epoch,
+            warmup_steps=round(self.hparams.warmup_epochs * self.steps_per_epoch),
         )
 
     def weight_decay(self, step: int) -> float:
@@ -269,17 +281,22 @@ class DINO(pl.LightningModule):
                 "of 16-mixed, a lower --model.lr, a lower --model.teacher_temp, or a smaller "
                 "--model.clip_grad. The last checkpoint written before this step is intact."
             )
+        diagnostics = collapse_statistics(
+            student_out, teacher_out, self.loss.center, self.hparams.student_temp, temp
+        )
         batch_size = crops[0].shape[0]
+        decay_group = self.optimizers().optimizer.param_groups[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
             {
-                "train/lr": self.optimizers().optimizer.param_groups[0]["lr"],
-                "train/weight_decay": self.optimizers().optimizer.param_groups[0]["weight_decay"],
+                "train/lr": decay_group["lr"],
+                "train/weight_decay": decay_group["weight_decay"],
                 "train/teacher_temp": temp,
+                **{f"diagnostics/{name}": value for name, value in diagnostics.items()},
             },
             batch_size=batch_size,
         )
-        return {"loss": loss}
+        return {"loss": loss, "diagnostics": diagnostics}
 
 
 def _validate(hparams: Any) -> None:

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_dino.cli import main
+
+CONF = Path(__file__).parent / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _bare_argv(monkeypatch):
+    """LightningCLI warns when both args and pytest's own sys.argv are present."""
+    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
+
+
+@pytest.mark.parametrize("config", ["tiny_vit.yaml", "tiny_resnet.yaml"])
+def test_fit_fast_dev_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONF / config), "--trainer.fast_dev_run=true"])
+
+
+def test_fit_writes_tensorboard_and_checkpoints_each_epoch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--trainer.max_epochs=2",
+          "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1",
+          "--trainer.callbacks+=lightning_dino.eval.KNNMonitor",
+          "--trainer.callbacks+=lightning_dino.eval.AttentionMapMonitor"])
+    version = tmp_path / "runs" / "dino" / "version_0"
+    checkpoints = sorted(p.name for p in (version / "checkpoints").iterdir())
+    assert checkpoints == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "last.ckpt"]
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["model"]["backbone"] == "vit_tiny_patch16_224"
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {
+        "train/loss", "train/lr", "train/weight_decay", "train/teacher_momentum", "train/teacher_temp",
+        "train/images_per_sec", "diagnostics/teacher_entropy", "diagnostics/teacher_entropy_ratio",
+        "diagnostics/teacher_student_kl", "diagnostics/center_norm", "knn/top1", "knn/top5",
+    }
+    assert expected <= scalars, expected - scalars
+    assert {"train/crops", "attention/maps"} <= set(events.Tags()["images"])
+
+
+def test_print_config_parses_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["out_dim"] == 64
+    assert config["model"]["momentum_teacher"] == 0.996
+    assert config["data"]["batch_size"] == 8
+    (tmp_path / "printed.yaml").write_text(printed)
+    main(["fit", "--config", str(tmp_path / "printed.yaml"), "--trainer.fast_dev_run=true"])
+
+
+def test_python_m_and_console_script_help():
+    for cmd in ([sys.executable, "-m", "lightning_dino", "--help"],
+                [str(Path(sys.executable).parent / "lightning-dino"), "fit", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+        assert "--model.teacher_temp" in out or "fit" in out
+
+
+def test_bad_model_key_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--model.teacher_tmp=0.05"])
+    assert "teacher_tmp" in capsys.readouterr().err

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from lightning_dino.monitors import ThroughputLogger, batch_crops, crop_grid
+
+
+def test_crop_grid_rows_and_denormalisation():
+    crops = [torch.zeros(5, 3, 8, 8), torch.zeros(5, 3, 8, 8), torch.ones(5, 3, 4, 4)]
+    grid = crop_grid(crops, n_samples=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    # 2 rows of 3 tiles of 8x8 with 1-px padding around every tile.
+    assert grid.shape == (3, 2 * 9 + 1, 3 * 9 + 1)
+    assert torch.allclose(grid[:, 1:9, 1:9], torch.full((3, 8, 8), 0.5))  # 0 * 0.25 + 0.5
+    assert torch.allclose(grid[:, 1:9, 19:27], torch.full((3, 8, 8), 0.75))  # local crop upsampled
+
+
+def test_batch_crops_accepts_both_layouts():
+    crops = [torch.zeros(2, 3, 4, 4)]
+    assert batch_crops((crops, torch.zeros(2))) is crops
+    assert batch_crops(crops) is crops
+
+
+def test_throughput_logger_measures_images_per_second(monkeypatch):
+    logged = {}
+
+    class Module:
+        def log(self, name, value, batch_size):
+            logged[name] = value
+
+    times = iter([10.0, 10.5])
+    monkeypatch.setattr("lightning_dino.monitors.time.perf_counter", lambda: next(times))
+    logger = ThroughputLogger()
+    batch = ([torch.zeros(8, 3, 4, 4)], torch.zeros(8))
+    logger.on_train_batch_start(None, Module(), batch, 0)
+    assert not logged
+    logger.on_train_batch_start(None, Module(), batch, 1)
+    assert logged["train/images_per_sec"] == pytest.approx(16.0)
