@@ -1,0 +1,362 @@
+"""Export the DINO backbone as a plain timm model (safetensors + config.json), and load it back.
+
+An export directory holds two files and needs nothing of ``lightning_dino`` to be used:
+
+- ``model.safetensors``: the backbone's state dict with no prefix and no DINO head, exactly
+  the keys of ``timm.create_model(architecture, num_classes=0, **model_args)``.
+- ``config.json``: ``architecture`` (the timm name), ``model_args`` (the ``create_model``
+  arguments that rebuild the architecture), ``num_features``, ``source`` (``"teacher"`` or
+  ``"student"``), the checkpoint's ``epoch``/``global_step``, and a timm ``pretrained_cfg``
+  (preprocessing), in the layout timm's Hugging Face exports use.
+
+Load it with plain timm in either of two ways::
+
+    cfg = json.loads((out_dir / "config.json").read_text())
+    model = timm.create_model(
+        cfg["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(
+            file=str(out_dir / "model.safetensors"), num_classes=0, custom_load=False
+        ),
+        num_classes=0,
+        **cfg["model_args"],
+    )
+    model = timm.create_model(f"local-dir:{out_dir}", pretrained=True)  # timm >= 1.0.16
+
+``num_classes=0`` in the overlay keeps timm's loading strict (otherwise it drops the classifier
+and silently tolerates missing keys); ``custom_load=False`` stops timm from treating the file as
+the original ``.npz`` of models such as ``vit_tiny_patch16_224``. Pass ``num_classes=N`` (but keep
+the overlay's 0) to get the same backbone with a fresh N-way classifier.
+
+The teacher is exported by default: it is the network DINO evaluates and the one the official
+DINO releases publish.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_dino import __version__
+from lightning_dino.backbones import create_timm_backbone
+from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+Which = Literal["teacher", "student"]
+
+# Regularisation-only arguments: they do not change the architecture or the eval-mode features,
+# and a fine-tuning user passes their own (a duplicate keyword would be a TypeError).
+_DROP_RATE_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
+
+# Keys of timm's default pretrained_cfg that describe the network rather than its source weights.
+_PRETRAINED_CFG_KEYS = ("first_conv", "classifier")
+
+
+def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = "teacher") -> Path:
+    """Write the teacher (or student) backbone of a DINO checkpoint as a plain timm export.
+
+    The checkpoint is read with ``torch.load(weights_only=True)``, so no code is unpickled. The
+    weights are checked by loading them strictly into a freshly built timm model before anything
+    is written.
+
+    Args:
+        checkpoint: A Lightning checkpoint (``.ckpt``) of :class:`lightning_dino.DINO`.
+        out_dir: Directory to write ``model.safetensors`` and ``config.json`` to (created).
+        which: ``"teacher"`` (the EMA network DINO evaluates, as in the official releases) or
+            ``"student"``.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        FileNotFoundError: If ``checkpoint`` does not exist.
+        ValueError: If it is not a DINO checkpoint or ``which`` is invalid.
+
+    Examples:
+        >>> out = export_backbone("runs/dino/version_0/checkpoints/last.ckpt", "exports/vits16")
+        >>> sorted(path.name for path in out.iterdir())  # doctest: +SKIP
+        ['config.json', 'model.safetensors']
+    """
+    ckpt = read_checkpoint(checkpoint)
+    state = backbone_state_dict(ckpt, which, source=checkpoint)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    architecture = hparams.get("backbone")
+    out_dir = Path(out_dir)
+    if isinstance(architecture, str):
+        model = build_timm_backbone(architecture, hparams.get("backbone_kwargs"))
+        _load_strict(model, state, f"{which} backbone of {checkpoint}")
+        config = _timm_config(model, architecture, hparams.get("backbone_kwargs"), ckpt)
+    else:
+        config = _custom_module_config(ckpt, which)
+    config.update(
+        source=which,
+        epoch=ckpt.get("epoch"),
+        global_step=ckpt.get("global_step"),
+        checkpoint=str(Path(checkpoint).resolve()),
+        lightning_dino_version=__version__,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {key: value.detach().contiguous() for key, value in state.items()}
+    save_file(weights, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    n_params = sum(value.numel() for value in weights.values())
+    rank_zero_info(
+        f"Exported the {which} backbone of {checkpoint} (epoch {config['epoch']}, step "
+        f"{config['global_step']}): {len(weights)} tensors, {n_params / 1e6:.2f} M parameters, "
+        f"{config['num_features']}-d features -> {out_dir / WEIGHTS_NAME}, {out_dir / CONFIG_NAME}"
+    )
+    if architecture is None:
+        rank_zero_warn(_custom_module_hint(out_dir))
+    return out_dir
+
+
+def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
+    """Load a DINO backbone from an export directory or a Lightning checkpoint, in eval mode.
+
+    An export directory is loaded with plain timm (``pretrained_cfg_overlay``); a checkpoint is
+    read with ``weights_only=True``, the timm model is rebuilt from its hyperparameters and the
+    prefixed backbone weights are loaded strictly.
+
+    Args:
+        path: An export directory (or its ``config.json`` / ``model.safetensors``), or a ``.ckpt``.
+        which: For a checkpoint, ``"teacher"`` (default) or ``"student"``. For an export, None or
+            the network it holds (a mismatch is an error).
+
+    Returns:
+        The backbone, a timm model without classifier mapping (B, C, H, W) images to (B, D)
+        features, in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If ``path`` is neither an export nor a DINO checkpoint, if its backbone was a
+            custom ``nn.Module`` (no timm name to rebuild it from), or if ``which`` mismatches.
+    """
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
+        path = path.parent
+    if path.is_dir():
+        return _load_export(path, which).eval()
+    ckpt = read_checkpoint(path)
+    which = which or "teacher"
+    state = backbone_state_dict(ckpt, which, source=path)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    architecture = hparams.get("backbone")
+    if not isinstance(architecture, str):
+        raise ValueError(
+            f"{path} was trained with a custom nn.Module backbone (no timm name in its "
+            "hyperparameters), so it cannot be rebuilt automatically. Run `export_backbone` and "
+            f"load the weights into your module: {_custom_module_hint(Path('EXPORT_DIR'))}"
+        )
+    model = build_timm_backbone(architecture, hparams.get("backbone_kwargs"))
+    _load_strict(model, state, f"{which} backbone of {path}")
+    return model.eval()
+
+
+def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU without unpickling any code.
+
+    Args:
+        checkpoint: Path of the ``.ckpt`` file.
+
+    Returns:
+        The checkpoint dictionary (``state_dict``, ``hyper_parameters``, ``epoch``...).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a checkpoint dictionary that ``weights_only`` loading accepts.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        hint = " (it is a directory: pass the .ckpt file inside it)" if path.is_dir() else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # pickle errors have no common base class
+        raise ValueError(
+            f"could not read {path} as a Lightning checkpoint with torch.load(weights_only=True): "
+            f"{err}"
+        ) from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (no 'state_dict' entry); found: {found}"
+        )
+    return ckpt
+
+
+def backbone_state_dict(
+    ckpt: dict[str, Any], which: Which = "teacher", source: str | Path = "checkpoint"
+) -> dict[str, Tensor]:
+    """Take the backbone weights of one DINO network and strip their prefix.
+
+    Args:
+        ckpt: A checkpoint dictionary from :func:`read_checkpoint`.
+        which: ``"teacher"`` or ``"student"``.
+        source: Where ``ckpt`` came from, for error messages.
+
+    Returns:
+        The state dict of ``<which>.backbone`` with keys relative to the backbone.
+
+    Raises:
+        ValueError: If ``which`` is invalid or the checkpoint has no ``<which>.backbone.`` keys.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    prefix = f"{which}.backbone."
+    state = ckpt["state_dict"]
+    backbone = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    if not backbone:
+        tops = sorted({key.split(".", 1)[0] for key in state})
+        raise ValueError(
+            f"{source} is not a lightning_dino DINO checkpoint: no '{prefix}*' weights among its "
+            f"{len(state)} state_dict entries (top-level modules: {tops[:10]}). Pass a checkpoint "
+            "written while training lightning_dino.DINO."
+        )
+    return backbone
+
+
+def build_timm_backbone(architecture: str, backbone_kwargs: dict[str, Any] | None) -> nn.Module:
+    """Build the backbone architecture DINO trained, without stochastic depth.
+
+    Args:
+        architecture: The timm model name from the checkpoint's hyperparameters.
+        backbone_kwargs: The checkpoint's ``backbone_kwargs`` hyperparameter.
+
+    Returns:
+        A randomly initialised timm model without classifier.
+    """
+    return create_timm_backbone(architecture, 0.0, backbone_kwargs)
+
+
+def timm_model_args(model: nn.Module, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments (besides ``num_classes=0``) that rebuild ``model``.
+
+    ``backbone_kwargs`` plus ``dynamic_img_size=True`` when the DINO builder enabled it (the
+    model keeps it as an attribute), minus drop rates, which only regularise training.
+
+    Args:
+        model: The backbone as :func:`build_timm_backbone` built it.
+        backbone_kwargs: The checkpoint's ``backbone_kwargs`` hyperparameter.
+
+    Returns:
+        JSON-serialisable keyword arguments.
+    """
+    args = {k: v for k, v in (backbone_kwargs or {}).items() if k not in _DROP_RATE_ARGS}
+    if getattr(model, "dynamic_img_size", False):
+        args["dynamic_img_size"] = True
+    return args
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` strictly, explaining a mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the {what} does not fit the timm model rebuilt from its hyperparameters "
+            f"(was backbone_kwargs changed, or timm upgraded?): {err}"
+        ) from err
+
+
+def _timm_config(
+    model: nn.Module,
+    architecture: str,
+    backbone_kwargs: dict[str, Any] | None,
+    ckpt: dict[str, Any],
+) -> dict[str, Any]:
+    """config.json content for a timm backbone, in timm's Hugging Face layout."""
+    model_args = timm_model_args(model, backbone_kwargs)
+    return {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": int(model.num_features),
+        "model_args": model_args,
+        "pretrained_cfg": _pretrained_cfg(model, model_args, ckpt),
+    }
+
+
+def _pretrained_cfg(
+    model: nn.Module, model_args: dict[str, Any], ckpt: dict[str, Any]
+) -> dict[str, Any]:
+    """The timm preprocessing config: DINO's eval transform and the training normalisation.
+
+    Size, crop and normalisation come from the data module's hyperparameters when the
+    checkpoint has them (``eval_size`` or ``global_crop_size``, ``eval_resize``, ``mean``,
+    ``std``), else from ``img_size`` / timm's default config and ImageNet statistics.
+    """
+    default = dict(getattr(model, "pretrained_cfg", None) or {})
+    channels, *default_size = default.get("input_size", (3, 224, 224))
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    size = data.get("eval_size") or data.get("global_crop_size") or model_args.get("img_size")
+    if size is None:
+        height_width = list(default_size)
+    else:
+        height_width = [size, size] if isinstance(size, int) else list(size)
+    resize = data.get("eval_resize")
+    return {
+        **{key: default[key] for key in _PRETRAINED_CFG_KEYS if key in default},
+        "num_classes": 0,
+        "input_size": [model_args.get("in_chans", channels), *height_width],
+        "fixed_input_size": bool(default.get("fixed_input_size", False))
+        and not model_args.get("dynamic_img_size", False),
+        "interpolation": "bicubic",
+        "crop_pct": min(height_width) / resize if resize else 0.875,
+        "crop_mode": "center",
+        "mean": list(data.get("mean", IMAGENET_MEAN)),
+        "std": list(data.get("std", IMAGENET_STD)),
+        "custom_load": False,
+    }
+
+
+def _custom_module_config(ckpt: dict[str, Any], which: Which) -> dict[str, Any]:
+    """config.json content for a backbone that was an arbitrary ``nn.Module``."""
+    head_input = ckpt["state_dict"].get(f"{which}.head.mlp.0.weight")
+    return {
+        "architecture": None,
+        "num_features": None if head_input is None else int(head_input.shape[1]),
+        "model_args": {},
+    }
+
+
+def _custom_module_hint(out_dir: Path) -> str:
+    """How to load weights exported from a custom-module backbone."""
+    return (
+        "The checkpoint's backbone was a custom nn.Module, not a timm model name, so config.json "
+        "has architecture: null. Build the same module yourself and load the weights with "
+        "`module.load_state_dict(safetensors.torch.load_file("
+        f"'{out_dir / WEIGHTS_NAME}'))`."
+    )
+
+
+def _load_export(directory: Path, which: Which | None) -> nn.Module:
+    """Load an export directory with plain timm."""
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a backbone export: {file.name} is missing. Create one with "
+                "`lightning-dino export --ckpt RUN.ckpt --out DIR`."
+            )
+    config = json.loads(config_file.read_text())
+    if which is not None and config.get("source") != which:
+        raise ValueError(
+            f"{directory} holds the {config.get('source')} backbone, not the {which}; export the "
+            f"{which} with `lightning-dino export --which {which}` or pass which=None"
+        )
+    if config.get("architecture") is None:
+        raise ValueError(f"{directory} has no timm architecture. {_custom_module_hint(directory)}")
+    return timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(weights_file), "num_classes": 0, "custom_load": False},
+        num_classes=0,
+        **config["model_args"],
+    )
