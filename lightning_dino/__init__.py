@@ -2,9 +2,41 @@
 
 __version__ = "0.1.0"
 
+from lightning_dino.data import MultiCropDataModule, MultiCropTransform
+from lightning_dino.embed import embed_images, load_embeddings
+from lightning_dino.eval import (
+    AttentionMapMonitor,
+    CollapseMonitor,
+    KNNMonitor,
+    LinearProbe,
+    attention_maps,
+    collapse_statistics,
+    knn_accuracy,
+)
+from lightning_dino.export import export_backbone, load_backbone
 from lightning_dino.head import DINOHead
 from lightning_dino.loss import DINOLoss
 from lightning_dino.module import DINO
 from lightning_dino.teacher import TeacherEMA, ema_update
 
-__all__ = ["DINO", "DINOHead", "DINOLoss", "TeacherEMA", "__version__", "ema_update"]
+__all__ = [
+    "DINO",
+    "AttentionMapMonitor",
+    "CollapseMonitor",
+    "DINOHead",
+    "DINOLoss",
+    "KNNMonitor",
+    "LinearProbe",
+    "MultiCropDataModule",
+    "MultiCropTransform",
+    "TeacherEMA",
+    "__version__",
+    "attention_maps",
+    "collapse_statistics",
+    "ema_update",
+    "embed_images",
+    "export_backbone",
+    "knn_accuracy",
+    "load_backbone",
+    "load_embeddings",
+]

@@ -22,7 +22,10 @@ from lightning_dino.data import MultiCropDataModule
 from lightning_dino.module import DINO
 
 # Tool name -> "module:function"; imported only when the tool runs.
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    name: f"lightning_dino.tools:{name}"
+    for name in ("export", "embed", "knn", "probe", "attention")
+}
 
 
 class DINOCLI(LightningCLI):
