@@ -29,7 +29,8 @@ class DINOLoss(nn.Module):
     Args:
         out_dim: Number of prototypes K (the head's output dimension).
         student_temp: Student softmax temperature tau_s.
-        center_momentum: EMA momentum of the centre (0.9 in the paper; 0.999 collapses).
+        center_momentum: EMA momentum of the centre (0.9 in the paper; 0.999 collapses; 1.0
+            never moves the centre from 0, i.e. no centring, for ablations).
 
     Attributes:
         center: Buffer of shape (1, K).
@@ -52,8 +53,8 @@ class DINOLoss(nn.Module):
         super().__init__()
         if out_dim < 2:
             raise ValueError(f"out_dim must be >= 2 for a softmax over prototypes, got {out_dim}")
-        if not 0.0 <= center_momentum < 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         if student_temp <= 0:
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
         self.out_dim = out_dim

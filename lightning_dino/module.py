@@ -92,8 +92,11 @@ class DINO(pl.LightningModule):
         teacher_temp: Teacher temperature after the warmup.
         warmup_teacher_temp: Teacher temperature at epoch 0.
         warmup_teacher_temp_epochs: Epochs of linear teacher-temperature warmup (per epoch).
-        center_momentum: EMA momentum of the loss centre.
-        momentum_teacher: Teacher EMA momentum at step 0; cosine to 1 over all steps.
+        center_momentum: EMA momentum of the loss centre; 1.0 keeps the centre at 0 (no
+            centring, for ablations).
+        momentum_teacher: Teacher EMA momentum at step 0; cosine to ``momentum_teacher_end``.
+        momentum_teacher_end: Teacher EMA momentum at the last step (1.0; set it and
+            ``momentum_teacher`` to 0 for a teacher that is a copy of the student).
         lr: Base learning rate for a global batch of 256; the peak is
             ``lr * per_device_batch * devices * accumulate_grad_batches / 256``.
         min_lr: Final learning rate of the cosine decay.
@@ -125,6 +128,7 @@ class DINO(pl.LightningModule):
         warmup_teacher_temp_epochs: int = 0,
         center_momentum: float = 0.9,
         momentum_teacher: float = 0.996,
+        momentum_teacher_end: float = 1.0,
         lr: float = 0.0005,
         min_lr: float = 1e-6,
         warmup_epochs: float = 10,
@@ -163,7 +167,8 @@ class DINO(pl.LightningModule):
         It also brings the collapse warning, the throughput log and the crop grid, unless the
         trainer already has one of those (then the user's own settings are kept).
         """
-        callbacks: list[Callback] = [TeacherEMA(self.hparams.momentum_teacher, final_momentum=1.0)]
+        ema = TeacherEMA(self.hparams.momentum_teacher, self.hparams.momentum_teacher_end)
+        callbacks: list[Callback] = [ema]
         present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
         for default in (CollapseMonitor, ThroughputLogger, CropGridLogger):
             if not any(issubclass(kind, default) for kind in present):
@@ -306,8 +311,9 @@ def _validate(hparams: Any) -> None:
         (hparams.student_temp > 0, "student_temp", "use a positive temperature (0.1)"),
         (hparams.teacher_temp > 0, "teacher_temp", "use a positive temperature (0.04-0.07)"),
         (hparams.warmup_teacher_temp > 0, "warmup_teacher_temp", "use a positive temperature"),
-        (0 <= hparams.center_momentum < 1, "center_momentum", "use a value in [0, 1) (0.9)"),
+        (0 <= hparams.center_momentum <= 1, "center_momentum", "use a value in [0, 1] (0.9)"),
         (0 <= hparams.momentum_teacher <= 1, "momentum_teacher", "use a value in [0, 1] (0.996)"),
+        (0 <= hparams.momentum_teacher_end <= 1, "momentum_teacher_end", "use a value in [0, 1]"),
         (hparams.lr > 0, "lr", "use a positive base learning rate (0.0005)"),
         (hparams.min_lr >= 0, "min_lr", "use a non-negative value"),
         (hparams.warmup_epochs >= 0, "warmup_epochs", "use a non-negative number of epochs"),

@@ -73,3 +73,15 @@ def test_bad_model_key_fails_before_training(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--model.teacher_tmp=0.05"])
     assert "teacher_tmp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (CONF.parent.parent / "configs").glob("*.yaml")))
+def test_shipped_configs_parse(config, capsys):
+    configs = CONF.parent.parent / "configs"
+    args = ["fit", "--config", str(configs / config)]
+    if config == "imagenet_vits16_paper.yaml":  # an overlay on top of the vanilla recipe
+        args = ["fit", "--config", str(configs / "imagenet_vits16.yaml"), "--config", str(configs / config)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["backbone"]

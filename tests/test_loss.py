@@ -86,7 +86,7 @@ def test_bf16_inputs_are_computed_in_fp32():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"out_dim": 1}, "out_dim"), ({"out_dim": 8, "center_momentum": 1.0}, "center_momentum"),
+    [({"out_dim": 1}, "out_dim"), ({"out_dim": 8, "center_momentum": 1.5}, "center_momentum"),
      ({"out_dim": 8, "student_temp": 0.0}, "student_temp")],
 )
 def test_invalid_arguments(kwargs, match):
@@ -97,3 +97,9 @@ def test_invalid_arguments(kwargs, match):
 def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="n_crops"):
         DINOLoss(8)(torch.randn(4, 3, 8), torch.randn(2, 2, 8), 0.04)
+
+
+def test_centre_momentum_one_means_no_centring():
+    loss_fn = DINOLoss(8, center_momentum=1.0)
+    loss_fn(torch.randn(3, 2, 8), torch.randn(2, 2, 8) + 5, 0.04)
+    assert torch.count_nonzero(loss_fn.center) == 0
