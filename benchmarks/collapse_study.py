@@ -33,7 +33,7 @@ from lightning_dino.cli import train
 from lightning_dino.eval.knn import extract_features, knn_accuracy
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 VARIANTS: dict[str, list[str]] = {
     "DINO": [],
@@ -49,7 +49,7 @@ class DiagnosticsRecorder(Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stats = outputs.get("diagnostics")
         if stats is None:  # not computed on this step
             return
