@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lightning_dino.data.datasets import find_image_files, load_image
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from lightning_dino.export import load_backbone
+from lightning_dino.export import CONFIG_NAME, load_backbone, read_checkpoint
 
 EMBEDDINGS_KEY = "embeddings"
 
@@ -33,12 +34,12 @@ def embed_images(
     backbone_or_path: nn.Module | str | Path,
     image_dir: str | Path,
     out_file: str | Path,
-    image_size: int = 224,
+    image_size: int | None = None,
     resize: int | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     l2_normalize: bool = False,
     device: str | None = None,
 ) -> Path:
@@ -55,12 +56,15 @@ def embed_images(
             whose teacher is used).
         image_dir: Folder to search for images.
         out_file: Output ``.safetensors`` file; the paths go to ``<out_file stem>.paths.json``.
-        image_size: Side of the center crop fed to the backbone, in pixels.
-        resize: Shorter side after resizing; None for ``round(image_size / 0.875)``.
+        image_size: Side of the center crop fed to the backbone, in pixels; None takes the
+            export's (or checkpoint's) evaluation size, else 224.
+        resize: Shorter side after resizing; None takes the export's crop ratio, else
+            ``round(image_size / 0.875)``.
         batch_size: Images per forward pass.
         num_workers: DataLoader worker processes decoding images.
-        mean: Per-channel normalisation mean, for images in [0, 1].
-        std: Per-channel normalisation std, for images in [0, 1].
+        mean: Per-channel normalisation mean, for images in [0, 1]; None takes the training
+            run's (from the export or checkpoint), else ImageNet's.
+        std: Per-channel normalisation std; None as for ``mean``.
         l2_normalize: Scale each embedding to unit L2 norm (for cosine similarity / k-NN).
         device: Where to run the backbone; None for the module's own device (a loaded path:
             CUDA when available, else CPU).
@@ -76,7 +80,8 @@ def embed_images(
     files = [Path(path) for path, _ in find_image_files(image_dir)]
     backbone = _as_backbone(backbone_or_path)
     run_device = torch.device(device) if device else _default_device(backbone_or_path)
-    dataset = _ImageFiles(files, EvalTransform(image_size, resize, mean, std))
+    transform = _eval_transform(backbone_or_path, image_size, resize, mean, std)
+    dataset = _ImageFiles(files, transform)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
@@ -94,6 +99,47 @@ def embed_images(
         f"-> {out_file} (paths: {paths_file(out_file)})"
     )
     return out_file
+
+
+def _eval_transform(
+    backbone_or_path: nn.Module | str | Path,
+    image_size: int | None,
+    resize: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> EvalTransform:
+    """The evaluation transform, filling unset values from the export's ``pretrained_cfg``."""
+    cfg = _training_preprocessing(backbone_or_path)
+    if image_size is None:
+        image_size = int(cfg["input_size"][-1]) if "input_size" in cfg else 224
+        if resize is None and "crop_pct" in cfg:
+            resize = round(image_size / cfg["crop_pct"])
+    return EvalTransform(
+        image_size,
+        resize,
+        tuple(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN)),
+        tuple(std if std is not None else cfg.get("std", IMAGENET_STD)),
+    )
+
+
+def _training_preprocessing(backbone_or_path: nn.Module | str | Path) -> dict[str, Any]:
+    """``pretrained_cfg`` of an export directory or of the export a checkpoint would give."""
+    if isinstance(backbone_or_path, nn.Module):
+        return {}
+    path = Path(backbone_or_path)
+    config = path / CONFIG_NAME if path.is_dir() else path.with_name(CONFIG_NAME)
+    if config.is_file():
+        return dict(json.loads(config.read_text()).get("pretrained_cfg") or {})
+    if path.suffix == ".ckpt" and path.is_file():
+        data = dict(read_checkpoint(path).get("datamodule_hyper_parameters") or {})
+        size = data.get("eval_size") or data.get("global_crop_size")
+        cfg: dict[str, Any] = {k: data[k] for k in ("mean", "std") if k in data}
+        if size:
+            cfg["input_size"] = [3, size, size]
+            if data.get("eval_resize"):
+                cfg["crop_pct"] = size / data["eval_resize"]
+        return cfg
+    return {}
 
 
 def load_embeddings(file: str | Path) -> tuple[Tensor, list[str]]:

@@ -69,12 +69,12 @@ def embed(
     backbone: Path,
     images: Path,
     out: Path,
-    image_size: int = 224,
+    image_size: int | None = None,
     resize: int | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     l2_normalize: bool = False,
 ) -> None:
     """Embed every image under a folder with a DINO backbone (export dir or checkpoint teacher).
@@ -83,12 +83,12 @@ def embed(
         backbone: An export directory or a .ckpt file (its teacher backbone is used).
         images: Folder of images, searched recursively.
         out: Output .safetensors file; image paths go to <out stem>.paths.json.
-        image_size: Centre-crop size fed to the backbone.
-        resize: Resize before the crop (default image_size / 0.875).
+        image_size: Centre-crop size fed to the backbone (default: the training run's).
+        resize: Resize before the crop (default: the training run's crop ratio).
         batch_size: Images per forward pass.
         num_workers: DataLoader workers.
-        mean: Normalisation mean used in training.
-        std: Normalisation std used in training.
+        mean: Normalisation mean (default: the training run's).
+        std: Normalisation std (default: the training run's).
         l2_normalize: Store L2-normalised embeddings.
     """
     path = embed_images(

@@ -152,3 +152,18 @@ def test_errors(backbone, tmp_path):
     ):
         embed_images(backbone, tmp_path / "bad", tmp_path / "x.safetensors", image_size=32)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_preprocessing_defaults_come_from_the_export(tmp_path):
+    from lightning_dino.embed import _eval_transform
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(
+        '{"pretrained_cfg": {"input_size": [3, 28, 28], "crop_pct": 1.0, "mean": [0.3, 0.3, 0.3], "std": [0.4, 0.4, 0.4]}}'
+    )
+    transform = _eval_transform(export, None, None, None, None)
+    assert (transform.size, transform.resize) == (28, 28)
+    assert tuple(transform.mean) == (0.3, 0.3, 0.3) and tuple(transform.std) == (0.4, 0.4, 0.4)
+    explicit = _eval_transform(export, 32, None, (0.5, 0.5, 0.5), None)
+    assert explicit.size == 32 and tuple(explicit.mean) == (0.5, 0.5, 0.5)
