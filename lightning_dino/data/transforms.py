@@ -323,6 +323,7 @@ class EvalTransform:
         _check_normalisation(mean, std)
         self.size = size
         self.resize = resize
+        self.mean, self.std = tuple(mean), tuple(std)
         self.transform = v2.Compose(
             [
                 v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
