@@ -51,7 +51,7 @@ class DiagnosticsRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stats = outputs.get("diagnostics")
-        if stats is None:  # not computed on this step
+        if stats is None or "teacher_entropy" not in stats:  # a step the loggers skip
             return
         self.rows.append(
             {

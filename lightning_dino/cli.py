@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from jsonargparse import auto_cli, lazy_instance
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_dino import __version__
+from lightning_dino.checkpointing import DINOCheckpoint
 from lightning_dino.data import MultiCropDataModule
 from lightning_dino.module import DINO
 
@@ -32,8 +32,12 @@ class DINOCLI(LightningCLI):
     """LightningCLI with DINO's defaults: TensorBoard logs, a checkpoint each epoch plus last."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the always-on checkpoint callback, configurable as ``--checkpoint.*``."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        """Add the always-on checkpoint callback, configurable as ``--checkpoint.*``.
+
+        :class:`~lightning_dino.checkpointing.DINOCheckpoint` writes atomically, keeps one file
+        per epoch and refreshes ``last.ckpt`` every ``--checkpoint.last_every_n_train_steps``.
+        """
+        parser.add_lightning_class_args(DINOCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

@@ -8,12 +8,15 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_dino.backbones import build_student_teacher
+from lightning_dino.backbones import build_student_teacher, is_vit
+from lightning_dino.checkpointing import RandomStateCallback
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
 from lightning_dino.loss import DINOLoss
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.preflight import check_model_and_data, schedule_warnings
 from lightning_dino.schedules import cosine_schedule, teacher_temperature
 from lightning_dino.teacher import TeacherEMA
 
@@ -108,6 +111,11 @@ class DINO(pl.LightningModule):
         freeze_last_layer: Epochs during which the head's last-layer gradients are dropped (set to
             None, so AdamW applies neither the update nor weight decay).
         optimizer: ``"adamw"`` (fused where supported) or ``"sgd"`` (momentum 0.9).
+        compile: ``torch.compile`` the student and teacher backbones (in place, so checkpoint
+            keys do not change; one static graph per crop size). Head, loss and hooks stay eager.
+        channels_last: Keep convolutional backbones' weights in channels-last memory format,
+            which oneDNN and cuDNN convolutions run faster (1.2x for the quickstart ResNet on a
+            CPU); ViTs are left as they are.
     """
 
     def __init__(
@@ -137,6 +145,8 @@ class DINO(pl.LightningModule):
         clip_grad: float = 3.0,
         freeze_last_layer: int = 1,
         optimizer: Literal["adamw", "sgd"] = "adamw",
+        compile: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -154,6 +164,11 @@ class DINO(pl.LightningModule):
             drop_path_rate=drop_path_rate,
             backbone_kwargs=backbone_kwargs,
         )
+        for network in (self.student, self.teacher):
+            if channels_last and not is_vit(network.backbone):
+                network.backbone.to(memory_format=torch.channels_last)
+            if compile:
+                network.backbone.compile(dynamic=False)
         self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
@@ -164,11 +179,16 @@ class DINO(pl.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The teacher EMA is part of the method, so the module always brings it.
 
-        It also brings the collapse warning, the throughput log and the crop grid, unless the
-        trainer already has one of those (then the user's own settings are kept).
+        It also brings the random-state checkpointing that makes resuming exact, and the collapse
+        warning, the throughput log and the crop grid, unless the trainer already has one of
+        those (then the user's own settings are kept). Lightning calls this hook on every process
+        before ``prepare_data`` and ``setup``, so it is also where the model is checked against
+        the data module (crop sizes, views, BatchNorm batch), before any data is read.
         """
+        if self._trainer is not None:
+            check_model_and_data(self, self.trainer)
         ema = TeacherEMA(self.hparams.momentum_teacher, self.hparams.momentum_teacher_end)
-        callbacks: list[Callback] = [ema]
+        callbacks: list[Callback] = [ema, RandomStateCallback()]
         present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
         for default in (CollapseMonitor, ThroughputLogger, CropGridLogger):
             if not any(issubclass(kind, default) for kind in present):
@@ -200,6 +220,8 @@ class DINO(pl.LightningModule):
             else max(1, self.total_steps // max(1, trainer.max_epochs or 1))
         )
         self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
+        for message in schedule_warnings(self):
+            rank_zero_warn(message)
 
     def learning_rate(self, step: int) -> float:
         """Learning rate at optimizer step ``step``: linear warmup, then cosine to ``min_lr``."""
@@ -256,8 +278,9 @@ class DINO(pl.LightningModule):
             group["weight_decay"] = wd if group.get("name") == "decay" else 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-tensor clip (gradients are already unscaled here), last-layer freeze, centre."""
+        """Per-tensor clip of unscaled gradients, last-layer freeze, centre."""
         if self.hparams.clip_grad > 0:
+            _unscale_fp16_gradients(self.trainer, optimizer)
             clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)
         if self.current_epoch < self.hparams.freeze_last_layer:
             for param in self.student.head.last_layer.parameters():
@@ -279,19 +302,25 @@ class DINO(pl.LightningModule):
         student_out = self.student(crops)
         temp = self.teacher_temp(self.current_epoch)
         loss = self.loss(student_out, teacher_out, temp)
-        if not torch.isfinite(loss):
+        # Decided together, so that every process stops (one process raising alone would leave
+        # the others waiting in the next collective).
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             raise FloatingPointError(
-                f"non-finite DINO loss ({loss.item()}) at global step {self.global_step}, epoch "
-                f"{self.current_epoch}. Likely fixes: --trainer.precision bf16-mixed or 32 instead "
-                "of 16-mixed, a lower --model.lr, a lower --model.teacher_temp, or a smaller "
-                "--model.clip_grad. The last checkpoint written before this step is intact."
+                f"non-finite DINO loss (here {loss.item()}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}. Likely fixes: --trainer.precision bf16-mixed or 32 "
+                "instead of 16-mixed, a lower --model.lr, a lower --model.teacher_temp, or a "
+                "smaller --model.clip_grad. The last checkpoint written before this step is intact."
             )
+        batch_size = crops[0].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        if not self._writes_logs_this_step():
+            # The CollapseMonitor needs the entropy ratio every step; the rest only feeds the logs.
+            ratio = teacher_entropy_ratio(teacher_out, self.loss.center, temp)
+            return {"loss": loss, "diagnostics": {"teacher_entropy_ratio": ratio}}
         diagnostics = collapse_statistics(
             student_out, teacher_out, self.loss.center, self.hparams.student_temp, temp
         )
-        batch_size = crops[0].shape[0]
         decay_group = self.optimizers().optimizer.param_groups[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
             {
                 "train/lr": decay_group["lr"],
@@ -302,6 +331,46 @@ class DINO(pl.LightningModule):
             batch_size=batch_size,
         )
         return {"loss": loss, "diagnostics": diagnostics}
+
+    def _writes_logs_this_step(self) -> bool:
+        """Whether the loggers record this step (every ``log_every_n_steps``, and at the end).
+
+        Schedule values and collapse diagnostics are computed and logged only on those steps:
+        values logged on other steps never reach a logger. Lightning's own monitors
+        (``LearningRateMonitor``, ``ThroughputMonitor``) ask the logger connector the same way.
+        """
+        trainer = self.trainer
+        return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+
+
+@torch.no_grad()
+def teacher_entropy_ratio(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """The ``teacher_entropy_ratio`` of :func:`collapse_statistics`, alone and cheaper.
+
+    Args:
+        teacher_out: Raw teacher logits, shape (n_global, B, K).
+        center: The loss centre, shape (1, K).
+        teacher_temp: Teacher temperature for this step.
+
+    Returns:
+        Scalar float32 tensor: mean entropy of ``softmax((t - center) / teacher_temp)`` over ln K.
+    """
+    log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1).mean()
+    return entropy / math.log(teacher_out.shape[-1])
+
+
+def _unscale_fp16_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale ``16-mixed`` gradients that Lightning left scaled for a fused optimizer.
+
+    Lightning unscales before ``on_before_optimizer_step`` except for optimizers that unscale in
+    their own ``step()`` (fused AdamW): clipping must see true gradients, so unscale here; the
+    scaler's ``step()`` then passes no scale to the fused kernel and still skips steps with
+    infinite gradients.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
 
 
 def _validate(hparams: Any) -> None:

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_dino.data.batched import BatchedMultiCropTransform
 from lightning_dino.data.datasets import (
     ImageFolderDataset,
     TensorImageDataset,
@@ -18,11 +19,13 @@ from lightning_dino.data.datasets import (
     make_synthetic_images,
     torchvision_dataset,
 )
+from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
 from lightning_dino.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalTransform,
     MultiCropTransform,
+    to_uint8_tensor,
 )
 
 DatasetName = Literal["folder", "fashion_mnist", "cifar10", "stl10", "synthetic"]
@@ -32,6 +35,24 @@ _SPLIT_SEED = 0  # fixes the folder hold-out and the ``subset`` draw
 _NEEDS_DATA_DIR = ("folder", "cifar10", "stl10")
 _DOWNLOADABLE = ("fashion_mnist", "cifar10", "stl10")
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "stl10": 10}
+# The multi-crop arguments, shared by MultiCropTransform and BatchedMultiCropTransform.
+_CROP_KEYS = (
+    "global_crop_size",
+    "local_crop_size",
+    "n_local_crops",
+    "global_crop_scale",
+    "local_crop_scale",
+    "n_global_crops",
+    "hflip_p",
+    "color_jitter",
+    "color_jitter_p",
+    "grayscale_p",
+    "blur_p",
+    "blur_sigma",
+    "solarize_p",
+    "mean",
+    "std",
+)
 
 
 class MultiCropDataModule(pl.LightningDataModule):
@@ -98,6 +119,11 @@ class MultiCropDataModule(pl.LightningDataModule):
         synthetic_size: Number of ``synthetic`` training images.
         synthetic_image_size: Side of ``synthetic`` images, in pixels.
         synthetic_num_classes: Number of ``synthetic`` classes.
+        augmentation: ``"per_sample"`` runs :class:`MultiCropTransform` on each image;
+            ``"batched"`` collates raw uint8 images in the workers and augments the whole batch
+            with :class:`BatchedMultiCropTransform` (same distributions, no uint8 rounding
+            between steps, about 10x faster on a CPU). Batched needs images of one size, so
+            not ``folder``.
 
     Raises:
         ValueError: If an argument is invalid; the message names the ``--data.`` key.
@@ -135,6 +161,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         synthetic_size: int = 512,
         synthetic_image_size: int = 32,
         synthetic_num_classes: int = 10,
+        augmentation: Literal["per_sample", "batched"] = "per_sample",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -162,7 +189,14 @@ class MultiCropDataModule(pl.LightningDataModule):
         self.eval_transform = EvalTransform(
             eval_size or global_crop_size, eval_resize, mean=mean, std=std
         )
+        self.batched_transform = (
+            BatchedMultiCropTransform(**{key: self.hparams[key] for key in _CROP_KEYS})
+            if augmentation == "batched"
+            else None
+        )
         self.train_dataset: Dataset | None = None
+        self._train_images: Dataset | None = None
+        self._train_sampler: EpochSampler | None = None  # kept so each loader moves an epoch on
         self.knn_train_dataset: Dataset | None = None
         self.knn_val_dataset: Dataset | None = None
         self._folder_classes: list[str] | None = None
@@ -173,6 +207,15 @@ class MultiCropDataModule(pl.LightningDataModule):
         if hp.dataset not in get_args(DatasetName):
             raise ValueError(
                 f"--data.dataset must be one of {get_args(DatasetName)}, got {hp.dataset!r}"
+            )
+        if hp.augmentation not in ("per_sample", "batched"):
+            raise ValueError(
+                f"--data.augmentation must be per_sample or batched, got {hp.augmentation!r}"
+            )
+        if hp.augmentation == "batched" and hp.dataset == "folder":
+            raise ValueError(
+                "--data.augmentation batched needs images of one size, which an image folder "
+                "does not guarantee; use --data.augmentation per_sample for --data.dataset folder"
             )
         for key, minimum in [
             ("batch_size", 1),
@@ -255,7 +298,10 @@ class MultiCropDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         train, knn_train, knn_val = self._build_splits()
-        self.train_dataset = TransformDataset(self._subset(train), self.train_transform)
+        train = self._subset(train)
+        self.train_dataset = TransformDataset(train, self.train_transform)
+        if self.batched_transform is not None:
+            self._train_images = TransformDataset(train, to_uint8_tensor)
         if knn_train is not None:
             self.knn_train_dataset = TransformDataset(self._subset(knn_train), self.eval_transform)
         if knn_val is not None:
@@ -332,18 +378,26 @@ class MultiCropDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled multi-crop batches ``(crops, labels)``, dropping the last partial batch.
 
+        The order is a seeded shuffle per epoch (seed of ``seed_everything``), sharded over the
+        processes, and resumes mid-epoch from a checkpoint (see
+        :class:`~lightning_dino.data.sampler.ResumableDataLoader`).
+
         Returns:
             A DataLoader yielding a list of ``n_crops`` float32 tensors
             (batch_size, 3, H, W), globals first, and int64 labels (batch_size,).
         """
         self.setup()
         workers = self._num_workers()
-        return DataLoader(
-            self.train_dataset,
+        batched = self.batched_transform is not None
+        images = self._train_images if batched else self.train_dataset
+        self._train_sampler = EpochSampler.for_trainer(images, self.trainer, self._train_sampler)
+        return ResumableDataLoader(
+            images,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
+            sampler=self._train_sampler,
             drop_last=True,
             num_workers=workers,
+            collate_fn=self.batched_transform.collate if batched else None,
             pin_memory=self._pin_memory(),
             persistent_workers=workers > 0,
         )

@@ -1,0 +1,271 @@
+"""Checkpoints for exact, crash-safe resumption.
+
+:class:`DINOCheckpoint` is the ``ModelCheckpoint`` that ``lightning-dino fit`` always brings (the
+``--checkpoint.*`` keys): it writes every file atomically, refreshes ``last.ckpt`` every few
+optimizer steps between the per-epoch checkpoints, refuses to overwrite a good checkpoint with
+non-finite weights, and lets ``--ckpt_path last`` find the newest ``last.ckpt`` of the experiment
+even though every run logs to a new ``version_N`` folder. :class:`RandomStateCallback` (brought by
+the :class:`~lightning_dino.DINO` module itself) stores every process's random number generator
+states, so augmentation and stochastic depth continue as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+from weakref import proxy
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+_TEMPORARY_SUFFIX = ".partial"
+
+
+class DINOCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with atomic writes and a ``last.ckpt`` refreshed every N steps.
+
+    * **Atomic**: each checkpoint (``last.ckpt`` included) is written to a hidden temporary file
+      in the same directory, flushed to disk, then renamed over the target with ``os.replace``; a
+      run killed while saving leaves the previous file intact (and at worst a stray
+      ``.NAME.partial``). Remote paths (``s3://``...) use Lightning's own writer.
+    * **Step checkpoints**: with ``save_last``, ``last.ckpt`` is also rewritten every
+      ``last_every_n_train_steps`` optimizer steps, so a run killed mid-epoch loses at most
+      about that many steps. The refresh skips an epoch's last step, which the epoch-end
+      checkpoint covers when one is due. The per-epoch (or per-``every_n_train_steps``) files
+      are kept as configured.
+    * **Finite guard**: before writing, every floating-point parameter and buffer is checked;
+      non-finite weights raise :class:`FloatingPointError` naming the first bad tensor, and the
+      last good checkpoint stays as it was.
+    * **Finding "last"**: ``fit --ckpt_path last`` with the default ``dirpath`` (the logger's
+      ``version_N/checkpoints``) looks in the folders of all versions of the experiment and
+      picks the newest ``last.ckpt``, since a resumed run logs to a new version.
+
+    Args:
+        *args: Positional arguments of :class:`~lightning.pytorch.callbacks.ModelCheckpoint`.
+        last_every_n_train_steps: Optimizer steps between refreshes of ``last.ckpt``; 0 only
+            writes it when another checkpoint is written.
+        check_finite: Refuse to write non-finite weights.
+        **kwargs: Keyword arguments of :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
+            (``dirpath``, ``filename``, ``save_last``, ``every_n_epochs``...).
+
+    Raises:
+        ValueError: If ``last_every_n_train_steps`` is negative.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        last_every_n_train_steps: int = 500,
+        check_finite: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_train_steps < 0:
+            raise ValueError(
+                "--checkpoint.last_every_n_train_steps must be >= 0 (0 disables the step "
+                f"refresh of last.ckpt), got {last_every_n_train_steps}"
+            )
+        self.last_every_n_train_steps = last_every_n_train_steps
+        self.check_finite = check_finite
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Save as configured, then refresh ``last.ckpt`` when a step refresh is due."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self.last_every_n_train_steps
+        if (
+            every > 0
+            and self.save_last
+            and trainer.global_step % every == 0
+            and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Write ``filepath`` through a temporary file in its directory and ``os.replace``."""
+        if self.check_finite:
+            _check_finite(trainer, filepath, self._last_checkpoint_saved)
+        if not _is_local(filepath):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        temporary = _temporary_path(filepath)
+        trainer.save_checkpoint(temporary, self.save_weights_only)
+        if trainer.is_global_zero:
+            _replace(temporary, filepath)
+        trainer.strategy.barrier("DINOCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        """``save_last="link"``: point ``linkpath`` at ``filepath`` with an atomic rename."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            temporary = _temporary_path(linkpath)
+            if os.path.lexists(temporary):
+                os.remove(temporary)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)
+            _replace(temporary, linkpath)
+        trainer.strategy.barrier()
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """``last*.ckpt`` of this run's folder, else of every version of the experiment."""
+        found = super()._find_last_checkpoints(trainer)
+        if found or self.dirpath is not None or not trainer.loggers:
+            return found
+        logger = trainer.loggers[0]
+        experiment = Path(logger.save_dir or trainer.default_root_dir, str(logger.name))
+        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-\d+)?$")
+        return {
+            os.path.normpath(path)
+            for path in experiment.glob(f"*/checkpoints/*{self.FILE_EXTENSION}")
+            if pattern.match(path.stem)
+        }
+
+
+class RandomStateCallback(Callback):
+    """Save every process's random states in checkpoints and restore them on resume.
+
+    Stores the torch (CPU and CUDA), Python ``random`` and NumPy generator states of each rank
+    (gathered to rank 0, which writes the checkpoint), as tensors and tuples that
+    ``torch.load(weights_only=True)`` accepts. A resumed run sets them back in
+    ``on_train_start``, after Lightning has built the data iterator and just before the first
+    batch is drawn, which is where the interrupted run stood when it saved. With
+    ``num_workers=0`` this makes augmentation and stochastic depth continue exactly; DataLoader
+    worker processes have their own generators, which start afresh.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's random states, in rank order (a collective call under DDP).
+
+        Returns:
+            ``{"ranks": [states of rank 0, states of rank 1, ...]}``.
+        """
+        local = collect_random_states()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {"ranks": [local]}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return {"ranks": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved states until training starts."""
+        self._pending = state_dict.get("ranks")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore this rank's saved states, if a checkpoint was loaded."""
+        if not self._pending:
+            return
+        states, self._pending = self._pending, None
+        if trainer.global_rank >= len(states):
+            rank_zero_warn(
+                f"the checkpoint holds random states of {len(states)} process(es) but this run "
+                f"has {trainer.world_size}; ranks without saved states keep their seeds"
+            )
+            return
+        set_random_states(states[trainer.global_rank])
+
+
+def collect_random_states() -> dict[str, Any]:
+    """This process's random generator states, in types ``weights_only`` loading accepts.
+
+    Returns:
+        ``{"torch": uint8 tensor, "python": tuple, "numpy": tuple}`` plus ``"cuda"`` (a list
+        of uint8 tensors) when CUDA is initialised.
+    """
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Restore states from :func:`collect_random_states`.
+
+    Args:
+        states: The saved states; CUDA states are restored when the device count matches.
+    """
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _check_finite(trainer: pl.Trainer, filepath: str, last_saved: str) -> None:
+    """Raise if a floating-point parameter or buffer of the module is NaN or infinite."""
+    module = trainer.lightning_module
+    tensors = [
+        (name, tensor)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        if tensor.is_floating_point() and tensor.numel() > 0
+    ]
+    if not tensors:
+        return
+    norms = torch._foreach_norm([tensor.detach().float() for _, tensor in tensors])
+    if bool(torch.stack(norms).isfinite().all()):
+        return
+    bad = next(name for (name, tensor) in tensors if not bool(tensor.detach().isfinite().all()))
+    kept = f"the last checkpoint ({last_saved}) is kept" if last_saved else "nothing was saved"
+    raise FloatingPointError(
+        f"not writing {filepath}: {bad} is NaN or infinite at global step "
+        f"{trainer.global_step}, epoch {trainer.current_epoch}; {kept}. Likely fixes: "
+        "--trainer.precision bf16-mixed or 32 instead of 16-mixed, a lower --model.lr, a "
+        "lower --model.teacher_temp, or a smaller --model.clip_grad; resume from the kept "
+        "checkpoint with --ckpt_path."
+    )
+
+
+def _is_local(path: str) -> bool:
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def _temporary_path(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}{_TEMPORARY_SUFFIX}")
+
+
+def _replace(source: str, target: str) -> None:
+    """Move ``source`` onto ``target`` atomically, after flushing a file's bytes to disk."""
+    if os.path.isfile(source) and not os.path.islink(source):
+        with open(source, "rb") as file:
+            os.fsync(file.fileno())
+    if os.path.isdir(target) and not os.path.islink(target):  # sharded checkpoints are folders
+        shutil.rmtree(target)
+    os.replace(source, target)
+    with contextlib.suppress(OSError):  # make the rename durable where directories can be synced
+        directory = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

@@ -1,0 +1,156 @@
+"""Checks of the model against the data and the run length, before any data is read.
+
+:class:`~lightning_dino.DINO` validates its own arguments when it is built. What it cannot check
+alone, because it depends on the data module or on the trainer, is checked here: the crop sizes
+against the backbone (a cheap forward of one blank image per crop size), the number of views,
+BatchNorm with one image per device, and schedules longer than the run (a warning).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_dino.module import DINO
+
+
+def check_model_and_data(model: DINO, trainer: pl.Trainer) -> None:
+    """Raise on model x data settings that cannot train; does nothing without a data module.
+
+    Reads the crop settings from the data module's ``hparams`` (as
+    :class:`~lightning_dino.data.MultiCropDataModule` saves them) and its batch size, and runs
+    the student backbone in eval mode on a (1, 3, size, size) zero image for each crop size.
+
+    Args:
+        model: The DINO module (on the CPU, before training).
+        trainer: The trainer the model is attached to.
+
+    Raises:
+        ValueError: The message names the ``--data.`` / ``--model.`` key and the fix.
+    """
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        return
+    data: dict[str, Any] = dict(getattr(datamodule, "hparams", {}))
+    _check_views(model, data)
+    sizes = {"global_crop_size": data.get("global_crop_size")}
+    if data.get("n_local_crops", 0) > 0:
+        sizes["local_crop_size"] = data.get("local_crop_size")
+    for key, size in sizes.items():
+        if size is not None:
+            _check_crop_size(model.student.backbone, key, size)
+    batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
+    _check_batch_norm(model.student, batch_size, trainer)
+
+
+def schedule_warnings(model: DINO) -> list[str]:
+    """Messages for schedules that do not fit in the run (call once the run length is known).
+
+    Args:
+        model: The DINO module after its ``on_train_start`` (``total_steps``,
+            ``steps_per_epoch`` and ``peak_lr`` set).
+
+    Returns:
+        One message per problem: learning-rate warmup, teacher-temperature warmup or last-layer
+        freeze at least as long as the whole run.
+    """
+    hp = model.hparams
+    total, per_epoch = model.total_steps, model.steps_per_epoch
+    epochs = math.ceil(total / per_epoch)
+    messages = []
+    warmup_steps = round(hp.warmup_epochs * per_epoch)
+    if warmup_steps >= total and hp.warmup_epochs > 0:
+        messages.append(
+            f"--model.warmup_epochs={hp.warmup_epochs} is {warmup_steps} steps, as long as the "
+            f"whole run ({total} steps): the learning rate never reaches its peak "
+            f"{model.peak_lr:.3g}; use a shorter warmup (the reference warms up for 10 of 100 "
+            "epochs) or train longer"
+        )
+    temperatures_differ = hp.warmup_teacher_temp != hp.teacher_temp
+    if temperatures_differ and hp.warmup_teacher_temp_epochs >= epochs:
+        messages.append(
+            f"--model.warmup_teacher_temp_epochs={hp.warmup_teacher_temp_epochs} covers the whole "
+            f"run ({epochs} epoch(s)): the teacher temperature never reaches "
+            f"--model.teacher_temp={hp.teacher_temp}; lower it or train longer"
+        )
+    if hp.freeze_last_layer >= epochs:
+        messages.append(
+            f"--model.freeze_last_layer={hp.freeze_last_layer} covers the whole run ({epochs} "
+            "epoch(s)): the head's last layer never trains; use 0 for such a short run"
+        )
+    return messages
+
+
+def _check_views(model: DINO, data: dict[str, Any]) -> None:
+    n_global = data.get("n_global_crops")
+    if n_global is None:
+        return
+    if n_global != model.hparams.n_global_crops:
+        raise ValueError(
+            f"--data.n_global_crops={n_global} but --model.n_global_crops="
+            f"{model.hparams.n_global_crops}: the teacher must see exactly the global crops; set "
+            "both to the same value (2 in the paper)"
+        )
+    n_local = data.get("n_local_crops", 0)
+    if n_global + n_local < 2:
+        raise ValueError(
+            f"--data.n_local_crops={n_local} with --data.n_global_crops={n_global} gives one view "
+            "per image, but the DINO loss compares different views; use --data.n_local_crops "
+            ">= 1 or 2 global crops"
+        )
+
+
+def _check_crop_size(backbone: nn.Module, key: str, size: int) -> None:
+    """Run the backbone on one blank ``size`` x ``size`` image; raise a readable error."""
+    was_training = backbone.training
+    try:
+        with torch.no_grad():
+            # forward() itself: a backbone compiled in place is not compiled for this shape.
+            features = backbone.eval().forward(torch.zeros(1, 3, size, size))
+    except Exception as err:  # timm raises AssertionError, RuntimeError, ValueError...
+        raise ValueError(
+            f"--data.{key}={size}: the backbone cannot take {size}x{size} crops "
+            f"({type(err).__name__}: {err}); {_size_hint(backbone, size)}"
+        ) from err
+    finally:
+        backbone.train(was_training)
+    if features.ndim != 2 or features.shape[0] != 1:
+        raise ValueError(
+            f"--data.{key}={size}: the backbone returns shape {tuple(features.shape)} for one "
+            f"{size}x{size} image instead of (1, D) features; use a backbone without "
+            "classifier that pools its features (timm models are built with num_classes=0)"
+        )
+
+
+def _size_hint(backbone: nn.Module, size: int) -> str:
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return "use a larger crop size"
+    step = int(patch[0] if isinstance(patch, tuple | list) else patch)
+    lower, upper = max(step, size // step * step), max(step, math.ceil(size / step) * step)
+    options = sorted({lower, upper})
+    return (
+        f"ViT crops must be a multiple of the patch size {step}, e.g. "
+        f"{' or '.join(map(str, options))}"
+    )
+
+
+def _check_batch_norm(student: nn.Module, batch_size: int | None, trainer: pl.Trainer) -> None:
+    if batch_size is None or batch_size > 1:
+        return
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        return
+    synced = getattr(trainer.strategy, "_layer_sync", None) is not None
+    if synced and trainer.world_size > 1:
+        return
+    raise ValueError(
+        f"--data.batch_size={batch_size}: the student has BatchNorm layers (in the backbone or "
+        "from --model.use_bn_in_head), whose training statistics need several images per "
+        "device; use --data.batch_size >= 2 (or, on several devices, --trainer.sync_batchnorm "
+        "true), or a backbone without BatchNorm such as a ViT"
+    )
