@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from lightning_dino.checkpointing import DINOCheckpoint, RandomStateCallback
 from lightning_dino.data import MultiCropDataModule, MultiCropTransform
+from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
 from lightning_dino.embed import embed_images, load_embeddings
 from lightning_dino.eval import (
     AttentionMapMonitor,
@@ -23,12 +25,16 @@ __all__ = [
     "DINO",
     "AttentionMapMonitor",
     "CollapseMonitor",
+    "DINOCheckpoint",
     "DINOHead",
     "DINOLoss",
+    "EpochSampler",
     "KNNMonitor",
     "LinearProbe",
     "MultiCropDataModule",
     "MultiCropTransform",
+    "RandomStateCallback",
+    "ResumableDataLoader",
     "TeacherEMA",
     "__version__",
     "attention_maps",
