@@ -1,0 +1,491 @@
+"""DINO multi-crop augmentation of a whole uint8 batch at once, with per-sample random draws.
+
+:class:`MultiCropTransform` augments one image at a time; on a small CPU its Python overhead
+(about 1 ms per crop) costs more than the model itself for 28-px images. For in-memory datasets
+whose images all have the same size (Fashion-MNIST, CIFAR-10, STL-10, synthetic),
+:class:`BatchedMultiCropTransform` applies the same augmentations to a (B, C, H, W) batch with
+tensor operations, drawing every random parameter independently per sample and per view, with
+the reference's per-view probabilities and ranges:
+
+* ``RandomResizedCrop`` boxes are drawn exactly as torchvision draws them (10 attempts, then
+  the central-crop fallback) and resampled with the same antialiased bicubic filter
+  (Keys a = -0.5, support scaled when downsampling), written as two per-sample interpolation
+  matrices: ``out = Wy @ crop @ Wx^T``;
+* horizontal flip, colour jitter (brightness, contrast, saturation, hue in a random order per
+  sample), random grayscale, Gaussian blur (per-sample sigma, a grouped separable convolution
+  with reflect padding) and solarisation are batched tensor operations.
+
+Known deviation from the per-sample path: the pipeline works in float32 in [0, 1] from the
+resize on, so the intermediate results are not rounded to uint8 after each step (torchvision
+rounds or truncates after every operation on uint8 images). Pixel values differ by at most a
+few grey levels; the distributions of crops, flips, jitter factors, blur and solarisation are
+the same. Grayscale images stay single-channel until the end, as in the per-sample path, so
+saturation and hue (no-ops on grey images) cost nothing.
+
+Use it through ``MultiCropDataModule(augmentation="batched")``: the DataLoader workers collate
+raw uint8 images and :meth:`BatchedMultiCropTransform.collate` augments the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_dino.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SOLARIZE_THRESHOLD,
+    MultiCropTransform,
+    blur_kernel_size,
+    to_uint8_tensor,
+)
+
+# torchvision's RandomResizedCrop defaults.
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_ATTEMPTS = 10
+# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+# Bicubic convolution parameter of the antialiased filter (PIL's, and torch's antialias=True).
+_CUBIC_A = -0.5
+_CUBIC_SUPPORT = 2.0
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = _CROP_RATIO,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Draw ``n`` RandomResizedCrop boxes the way torchvision does, all at once.
+
+    Each box tries up to 10 (area fraction, log aspect ratio) draws and keeps the first that
+    fits in the image; if none fits, it falls back to the central crop with the aspect ratio
+    clamped to ``ratio``.
+
+    Args:
+        n: Number of boxes.
+        height: Image height H.
+        width: Image width W.
+        scale: (min, max) fraction of the image area.
+        ratio: (min, max) aspect ratio w / h.
+        device: Device of the result.
+
+    Returns:
+        int64 tensor (n, 4) of ``(top, left, h, w)``.
+    """
+    area = height * width
+    fraction = torch.empty(n, _CROP_ATTEMPTS, device=device).uniform_(scale[0], scale[1])
+    log_ratio = torch.empty(n, _CROP_ATTEMPTS, device=device).uniform_(
+        math.log(ratio[0]), math.log(ratio[1])
+    )
+    aspect = log_ratio.exp()
+    target = area * fraction
+    w = (target * aspect).sqrt().round().long()
+    h = (target / aspect).sqrt().round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    top = (torch.rand(n, device=device) * (height - h + 1)).long()
+    left = (torch.rand(n, device=device) * (width - w + 1)).long()
+    fallback = ~fits.any(dim=1)
+    if fallback.any():
+        fh, fw = _central_crop_size(height, width, ratio)
+        h = torch.where(fallback, fh, h)
+        w = torch.where(fallback, fw, w)
+        top = torch.where(fallback, (height - fh) // 2, top)
+        left = torch.where(fallback, (width - fw) // 2, left)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _central_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """Fallback crop (h, w): the whole image, its aspect ratio clamped to ``ratio``."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return round(width / min(ratio)), width
+    if in_ratio > max(ratio):
+        return height, round(height * max(ratio))
+    return height, width
+
+
+def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """Per-sample matrices that crop ``[start, start + length)`` and resize it to ``out_size``.
+
+    The weights are those of ``torch.nn.functional.interpolate(mode="bicubic",
+    antialias=True, align_corners=False)`` (PIL's bicubic resampling), so
+    ``weights @ signal`` equals cropping then resizing the signal along that axis.
+
+    Args:
+        start: int64 (n,) first input pixel of each crop.
+        length: int64 (n,) crop lengths, >= 1.
+        in_size: Length of the full input axis.
+        out_size: Length of the output axis.
+
+    Returns:
+        float32 (n, out_size, in_size); each row sums to 1.
+    """
+    scale = (length.float() / out_size).view(-1, 1, 1)  # input pixels per output pixel
+    support = _CUBIC_SUPPORT * scale.clamp(min=1.0)
+    inv_scale = 1.0 / scale.clamp(min=1.0)
+    centre = scale * (torch.arange(out_size, device=start.device).view(1, -1, 1) + 0.5)
+    offset = torch.arange(in_size, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)
+    distance = (offset + 0.5 - centre).float()
+    x = (distance * inv_scale).abs()
+    a = _CUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    weights = torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    inside = (offset >= 0) & (offset < length.view(-1, 1, 1)) & (distance.abs() < support)
+    weights = weights * inside
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """Normalised 1-D Gaussian kernels, one per sigma, as torchvision's ``gaussian_blur``.
+
+    Args:
+        sigma: float (n,) standard deviations in pixels.
+        kernel_size: Odd kernel length.
+
+    Returns:
+        float32 (n, kernel_size).
+    """
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=sigma.device)
+    return torch.softmax(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)) ** 2, dim=1)
+
+
+def blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Blur each image with its own Gaussian (separable, reflect padding).
+
+    Args:
+        images: float (n, C, H, W).
+        sigma: float (n,) standard deviations in pixels.
+        kernel_size: Odd kernel length, smaller than H and W.
+
+    Returns:
+        float (n, C, H, W).
+    """
+    n, c, h, w = images.shape
+    kernels = gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # (n*C, k)
+    pad = kernel_size // 2
+    x = F.pad(images, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, -1)
+    x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
+    x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
+    return x.view(n, c, h, w)
+
+
+def grayscale(images: Tensor) -> Tensor:
+    """Luma of RGB images (n, 3, H, W) as (n, 1, H, W); single-channel images pass through."""
+    if images.shape[1] == 1:
+        return images
+    r, g, b = images.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """``factor * images + (1 - factor) * other`` clamped to [0, 1]; ``factor`` is (n,)."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * images + (1 - f) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-image brightness: ``images * factor`` clamped to [0, 1]."""
+    return (images * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-image contrast: blend with the mean grey level of each image."""
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-image saturation: blend with the grayscale image (no-op on grey images)."""
+    if images.shape[1] == 1:
+        return images
+    return _blend(images, grayscale(images), factor)
+
+
+def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-image hue shift by ``factor`` (fraction of the hue circle) in HSV space.
+
+    Same algorithm as torchvision's ``adjust_hue`` (PIL's HSV conversion); grey images pass
+    through.
+
+    Args:
+        images: float (n, C, H, W) in [0, 1].
+        factor: float (n,) shifts in [-0.5, 0.5].
+
+    Returns:
+        float (n, C, H, W).
+    """
+    if images.shape[1] == 1:
+        return images
+    r, g, b = images.unbind(dim=1)
+    maxc, minc = images.amax(dim=1), images.amin(dim=1)
+    flat = maxc == minc
+    spread = maxc - minc
+    saturation = spread / torch.where(flat, torch.ones_like(maxc), maxc)
+    divisor = torch.where(flat, torch.ones_like(spread), spread)
+    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
+    max_is_r = maxc == r
+    max_is_g = (maxc == g) & ~max_is_r
+    max_is_b = ~max_is_r & ~max_is_g
+    hue = max_is_r * (bc - gc) + max_is_g * (2.0 + rc - bc) + max_is_b * (4.0 + gc - rc)
+    hue = (hue / 6.0 + 1.0).fmod(1.0)
+    hue = (hue + factor.view(-1, 1, 1)).remainder(1.0)
+    return _hsv_to_rgb(hue, saturation, maxc)
+
+
+def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
+    """HSV planes (n, H, W) to RGB (n, 3, H, W), as torchvision's ``_hsv_to_rgb``."""
+    h6 = hue * 6.0
+    sector = h6.floor()
+    frac = h6 - sector
+    sector = sector.long().remainder(6)
+    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
+    q = (value * (1.0 - saturation * frac)).clamp(0.0, 1.0)
+    t = (value * (1.0 - saturation * (1.0 - frac))).clamp(0.0, 1.0)
+    planes = torch.stack([value, p, q, t], dim=1)  # indices 0..3 = v, p, q, t
+    select = torch.tensor(
+        [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=hue.device
+    )
+    index = select[:, sector].movedim(0, 1)  # (n, 3, H, W)
+    return planes.gather(1, index)
+
+
+class BatchedMultiCropTransform:
+    """DINO multi-crop augmentation of a uint8 batch, with per-sample random parameters.
+
+    Takes the same arguments as :class:`MultiCropTransform` (and checks them the same way) and
+    draws from the same distributions: global view 1 is blurred with ``blur_p[0]``, global views
+    2+ with ``blur_p[1]`` and solarised with ``solarize_p``, local views blurred with
+    ``blur_p[2]``; every view gets an independent crop, flip, colour jitter and grayscale draw.
+    See the module docstring for the one deviation (no uint8 rounding between steps).
+
+    Args:
+        global_crop_size: Output side of global crops, in pixels.
+        local_crop_size: Output side of local crops, in pixels.
+        n_local_crops: Number of local crops (0 disables multi-crop).
+        global_crop_scale: (min, max) fraction of the image area a global crop covers.
+        local_crop_scale: (min, max) fraction of the image area a local crop covers.
+        n_global_crops: Number of global crops.
+        hflip_p: Probability of a horizontal flip.
+        color_jitter: (brightness, contrast, saturation, hue) strengths.
+        color_jitter_p: Probability of applying the colour jitter.
+        grayscale_p: Probability of converting a view to grayscale.
+        blur_p: Blur probability for (global view 1, other global views, local views).
+        blur_sigma: (min, max) of the uniformly sampled blur sigma, in pixels of the crop.
+        solarize_p: Probability of solarising global views 2+.
+        mean: Per-channel normalisation mean, for images in [0, 1].
+        std: Per-channel normalisation std, for images in [0, 1].
+
+    Raises:
+        ValueError: If an argument is out of range; the message starts with its name.
+
+    Examples:
+        >>> transform = BatchedMultiCropTransform(global_crop_size=32, local_crop_size=16)
+        >>> crops = transform(torch.zeros(4, 3, 40, 40, dtype=torch.uint8))
+        >>> len(crops), tuple(crops[0].shape), tuple(crops[2].shape)
+        (10, (4, 3, 32, 32), (4, 3, 16, 16))
+    """
+
+    def __init__(
+        self,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        n_local_crops: int = 8,
+        global_crop_scale: tuple[float, float] = (0.4, 1.0),
+        local_crop_scale: tuple[float, float] = (0.05, 0.4),
+        n_global_crops: int = 2,
+        hflip_p: float = 0.5,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: float = 0.2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        settings: dict[str, Any] = {
+            "global_crop_size": global_crop_size,
+            "local_crop_size": local_crop_size,
+            "n_local_crops": n_local_crops,
+            "global_crop_scale": tuple(global_crop_scale),
+            "local_crop_scale": tuple(local_crop_scale),
+            "n_global_crops": n_global_crops,
+            "hflip_p": hflip_p,
+            "color_jitter": tuple(color_jitter),
+            "color_jitter_p": color_jitter_p,
+            "grayscale_p": grayscale_p,
+            "blur_p": tuple(blur_p),
+            "blur_sigma": tuple(blur_sigma),
+            "solarize_p": solarize_p,
+            "mean": tuple(mean),
+            "std": tuple(std),
+        }
+        MultiCropTransform(**settings)  # the same checks and messages as the per-sample path
+        self.settings = settings
+        self.n_global_crops = n_global_crops
+        self.n_local_crops = n_local_crops
+
+    @property
+    def n_crops(self) -> int:
+        """Total number of views returned per image."""
+        return self.n_global_crops + self.n_local_crops
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{key}={value}" for key, value in self.settings.items())
+        return f"{type(self).__name__}({body})"
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        """Augment a batch into its multi-crop views.
+
+        Args:
+            images: uint8 (B, C, H, W) with C in {1, 3}, on any device.
+
+        Returns:
+            ``[g1, g2, ..., l1, ..., lN]``: float32 (B, 3, S, S) tensors, normalised, S the
+            global or local crop size.
+
+        Raises:
+            ValueError: If ``images`` is not a uint8 (B, C, H, W) batch with C in {1, 3}.
+        """
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                "expected a uint8 batch of shape (B, C, H, W) with C in {1, 3}, got "
+                f"{images.dtype} {tuple(images.shape)}"
+            )
+        s = self.settings
+        batch, device = images.shape[0], images.device
+        pixels = images.float().div_(255.0)
+        n_global = self.n_global_crops
+        # Global view 1 and global views 2+ differ only in blur and solarisation probability.
+        blur_p = torch.full((n_global, batch), s["blur_p"][1], device=device)
+        blur_p[0] = s["blur_p"][0]
+        solarize_p = torch.full((n_global, batch), s["solarize_p"], device=device)
+        solarize_p[0] = 0.0
+        views = self._views(
+            pixels, n_global, s["global_crop_size"], s["global_crop_scale"], blur_p, solarize_p
+        )
+        if self.n_local_crops:
+            shape = (self.n_local_crops, batch)
+            views += self._views(
+                pixels,
+                self.n_local_crops,
+                s["local_crop_size"],
+                s["local_crop_scale"],
+                torch.full(shape, s["blur_p"][2], device=device),
+                torch.zeros(shape, device=device),
+            )
+        return views
+
+    def collate(self, samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:
+        """DataLoader ``collate_fn``: stack raw ``(image, label)`` samples and augment them.
+
+        Args:
+            samples: ``(image, label)`` pairs; images are uint8 tensors or PIL images of one
+                size and channel count.
+
+        Returns:
+            ``(crops, labels)`` as :class:`MultiCropDataModule` batches: the crop list of
+            :meth:`__call__` and int64 labels (B,).
+
+        Raises:
+            ValueError: If the images do not all have the same shape.
+        """
+        images = [to_uint8_tensor(image) for image, _ in samples]
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"batched augmentation needs images of one size and channel count, got {shapes}; "
+                "use --data.augmentation per_sample for this dataset"
+            )
+        labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
+        return self(torch.stack(images)), labels
+
+    def _views(
+        self,
+        pixels: Tensor,
+        n_views: int,
+        size: int,
+        scale: tuple[float, float],
+        blur_p: Tensor,
+        solarize_p: Tensor,
+    ) -> list[Tensor]:
+        """``n_views`` augmented views of every image: a list of (B, 3, size, size)."""
+        s = self.settings
+        batch, channels, height, width = pixels.shape
+        rows = n_views * batch
+        boxes = sample_crop_boxes(rows, height, width, scale, device=pixels.device)
+        wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size).view(n_views, batch, size, -1)
+        wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size).view(n_views, batch, size, -1)
+        x = torch.einsum("vbsh,bchw->vbcsw", wy, pixels)
+        x = torch.einsum("vbcsw,vbtw->vbcst", x, wx).reshape(rows, channels, size, size)
+        x = x.clamp_(0.0, 1.0)
+        flip = torch.rand(rows, device=x.device) < s["hflip_p"]
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = self._color_jitter(x)
+        x = self._grayscale(x)
+        x = self._blur(x, blur_p.reshape(-1), size)
+        solarize = torch.rand(rows, device=x.device) < solarize_p.reshape(-1)
+        x = torch.where(solarize.view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD / 255.0), 1.0 - x, x)
+        mean = torch.tensor(s["mean"], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(s["std"], device=x.device).view(1, 3, 1, 1)
+        x = (x.expand(-1, 3, -1, -1) - mean) / std
+        return list(x.view(n_views, batch, 3, size, size).unbind(0))
+
+    def _color_jitter(self, x: Tensor) -> Tensor:
+        """ColorJitter with probability ``color_jitter_p``, its four steps in a random order."""
+        s = self.settings
+        brightness, contrast, saturation, hue = s["color_jitter"]
+        if not any(s["color_jitter"]) or s["color_jitter_p"] == 0:
+            return x
+        rows = x.shape[0]
+        applied = torch.rand(rows, device=x.device) < s["color_jitter_p"]
+        steps = [
+            (adjust_brightness, max(0.0, 1 - brightness), 1 + brightness, brightness > 0),
+            (adjust_contrast, max(0.0, 1 - contrast), 1 + contrast, contrast > 0),
+            (adjust_saturation, max(0.0, 1 - saturation), 1 + saturation, saturation > 0),
+            (adjust_hue, -hue, hue, hue > 0),
+        ]
+        factors = [torch.empty(rows, device=x.device).uniform_(lo, hi) for _, lo, hi, _ in steps]
+        order = torch.rand(rows, len(steps), device=x.device).argsort(dim=1)
+        x = x.clone()
+        for position in range(len(steps)):
+            for index, (adjust, _, _, enabled) in enumerate(steps):
+                if not enabled:
+                    continue
+                chosen = (applied & (order[:, position] == index)).nonzero().squeeze(1)
+                if chosen.numel():
+                    x[chosen] = adjust(x[chosen], factors[index][chosen])
+        return x
+
+    def _grayscale(self, x: Tensor) -> Tensor:
+        """Random grayscale with probability ``grayscale_p`` (no-op on grey images)."""
+        if self.settings["grayscale_p"] == 0 or x.shape[1] == 1:
+            return x
+        gray = torch.rand(x.shape[0], device=x.device) < self.settings["grayscale_p"]
+        return torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+
+    def _blur(self, x: Tensor, blur_p: Tensor, size: int) -> Tensor:
+        """Gaussian blur of each row with probability ``blur_p[row]``, sigma drawn per row."""
+        low, high = self.settings["blur_sigma"]
+        chosen = (torch.rand(x.shape[0], device=x.device) < blur_p).nonzero().squeeze(1)
+        if chosen.numel() == 0:
+            return x
+        kernel = blur_kernel_size(size, high)
+        if kernel == 1:
+            return x
+        sigma = torch.empty(chosen.numel(), device=x.device).uniform_(low, high)
+        x = x.clone()
+        x[chosen] = blur(x[chosen], sigma, kernel)
+        return x
