@@ -1,5 +1,6 @@
 """Data for DINO: multi-crop augmentation, datasets and the Lightning data module."""
 
+from lightning_dino.data.batched import BatchedMultiCropTransform
 from lightning_dino.data.datamodule import MultiCropDataModule
 from lightning_dino.data.datasets import (
     IMG_EXTENSIONS,
@@ -28,6 +29,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
     "UNLABELED",
+    "BatchedMultiCropTransform",
     "EvalTransform",
     "ImageFolderDataset",
     "MultiCropDataModule",
