@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jsonargparse import auto_cli, lazy_instance
+from jsonargparse import ArgumentParser, lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -77,6 +77,26 @@ def _load_tool(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def run_tool(name: str, args: list[str]) -> Any:
+    """Parse ``args`` against the tool function's signature and call it.
+
+    Built with ``add_function_arguments`` rather than ``auto_cli``: a tool parameter named
+    ``config`` (the fit config a tool reads) must stay a plain argument, while ``auto_cli`` would
+    read it as a config file of the tool's own arguments.
+
+    Args:
+        name: A key of :data:`TOOLS`.
+        args: The tool's command-line arguments.
+
+    Returns:
+        The tool's return value.
+    """
+    tool = _load_tool(name)
+    parser = ArgumentParser(prog=f"lightning-dino {name}", description=tool.__doc__.splitlines()[0])
+    parser.add_function_arguments(tool, as_positional=False)
+    return tool(**parser.instantiate(parser.parse_args(args)).as_dict())
+
+
 def _overview() -> str:
     tools = "\n".join(f"  {name:<10} {_load_tool(name).__doc__.splitlines()[0]}" for name in TOOLS)
     return (
@@ -96,10 +116,7 @@ def main(args: ArgsType = None) -> None:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOLS:
-        tool = argv[0]
-        auto_cli(
-            _load_tool(tool), args=argv[1:], as_positional=False, prog=f"lightning-dino {tool}"
-        )
+        run_tool(argv[0], argv[1:])
         return
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())

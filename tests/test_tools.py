@@ -29,7 +29,8 @@ def tiny_run(tmp_path_factory):
 def test_knn_command_prints_accuracy(tiny_run, capsys):
     main(["knn", "--ckpt", str(tiny_run), "--config", str(CONF / "tiny_vit.yaml"), "--k", "5"])
     out = capsys.readouterr().out
-    assert "k-NN (teacher, k=5" in out and "top-1" in out
+    # The config's data section is used (32 synthetic images), not the data module's defaults.
+    assert "k-NN (teacher, k=5, T=0.07, 32 train" in out and "top-1" in out
 
 
 def test_probe_command(tiny_run, capsys):
