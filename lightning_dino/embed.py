@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lightning_dino.data.datasets import find_image_files, load_image
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from lightning_dino.export import CONFIG_NAME, load_backbone, read_checkpoint
+from lightning_dino.export import CONFIG_NAME, eval_preprocessing, load_backbone, read_checkpoint
 
 EMBEDDINGS_KEY = "embeddings"
 
@@ -131,13 +131,12 @@ def _training_preprocessing(backbone_or_path: nn.Module | str | Path) -> dict[st
     if config.is_file():
         return dict(json.loads(config.read_text()).get("pretrained_cfg") or {})
     if path.suffix == ".ckpt" and path.is_file():
-        data = dict(read_checkpoint(path).get("datamodule_hyper_parameters") or {})
-        size = data.get("eval_size") or data.get("global_crop_size")
-        cfg: dict[str, Any] = {k: data[k] for k in ("mean", "std") if k in data}
-        if size:
-            cfg["input_size"] = [3, size, size]
-            if data.get("eval_resize"):
-                cfg["crop_pct"] = size / data["eval_resize"]
+        data = eval_preprocessing(read_checkpoint(path))
+        cfg: dict[str, Any] = {"mean": data["mean"], "std": data["std"]}
+        if data["size"]:
+            cfg["input_size"] = [3, data["size"], data["size"]]
+            if data["resize"]:
+                cfg["crop_pct"] = data["size"] / data["resize"]
         return cfg
     return {}
 

@@ -283,6 +283,27 @@ def _timm_config(
     }
 
 
+def eval_preprocessing(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation preprocessing of the run that wrote a checkpoint.
+
+    Read from the data module's hyperparameters saved in the checkpoint.
+
+    Args:
+        ckpt: A checkpoint dictionary (see :func:`read_checkpoint`).
+
+    Returns:
+        ``size`` (``eval_size`` or ``global_crop_size``, None when unknown), ``resize``
+        (``eval_resize`` or None), ``mean`` and ``std`` (ImageNet's when unknown).
+    """
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    return {
+        "size": data.get("eval_size") or data.get("global_crop_size"),
+        "resize": data.get("eval_resize"),
+        "mean": tuple(data.get("mean", IMAGENET_MEAN)),
+        "std": tuple(data.get("std", IMAGENET_STD)),
+    }
+
+
 def _pretrained_cfg(
     model: nn.Module, model_args: dict[str, Any], ckpt: dict[str, Any]
 ) -> dict[str, Any]:
@@ -294,13 +315,13 @@ def _pretrained_cfg(
     """
     default = dict(getattr(model, "pretrained_cfg", None) or {})
     channels, *default_size = default.get("input_size", (3, 224, 224))
-    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    size = data.get("eval_size") or data.get("global_crop_size") or model_args.get("img_size")
+    data = eval_preprocessing(ckpt)
+    size = data["size"] or model_args.get("img_size")
     if size is None:
         height_width = list(default_size)
     else:
         height_width = [size, size] if isinstance(size, int) else list(size)
-    resize = data.get("eval_resize")
+    resize = data["resize"]
     return {
         **{key: default[key] for key in _PRETRAINED_CFG_KEYS if key in default},
         "num_classes": 0,
@@ -310,8 +331,8 @@ def _pretrained_cfg(
         "interpolation": "bicubic",
         "crop_pct": min(height_width) / resize if resize else 0.875,
         "crop_mode": "center",
-        "mean": list(data.get("mean", IMAGENET_MEAN)),
-        "std": list(data.get("std", IMAGENET_STD)),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
         "custom_load": False,
     }
 

@@ -14,12 +14,17 @@ import torch
 import yaml
 from PIL import Image
 
-from lightning_dino.data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropDataModule
+from lightning_dino.data import EvalTransform, MultiCropDataModule
 from lightning_dino.embed import embed_images
 from lightning_dino.eval.attention import attention_maps, check_vit, save_attention_png
 from lightning_dino.eval.knn import extract_features, knn_accuracy
 from lightning_dino.eval.linear import fit_linear_probe
-from lightning_dino.export import export_backbone, load_backbone, read_checkpoint
+from lightning_dino.export import (
+    eval_preprocessing,
+    export_backbone,
+    load_backbone,
+    read_checkpoint,
+)
 
 Which = Literal["teacher", "student"]
 
@@ -217,12 +222,11 @@ def attention(
     Returns:
         The PNG path.
     """
-    data_hparams = dict(read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {})
-    mean = tuple(data_hparams.get("mean", IMAGENET_MEAN))
-    std = tuple(data_hparams.get("std", IMAGENET_STD))
+    preprocessing = eval_preprocessing(read_checkpoint(ckpt))
+    mean, std = preprocessing["mean"], preprocessing["std"]
     vit = check_vit(load_backbone(ckpt, which))
     patch = vit.patch_embed.patch_size[0]
-    size = image_size or data_hparams.get("eval_size") or data_hparams.get("global_crop_size", 224)
+    size = image_size or preprocessing["size"] or 224
     size = max(patch, size // patch * patch)
     transform = EvalTransform(size=size, resize=size, mean=mean, std=std)
     tensor = transform(Image.open(image))
