@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dino.cli import train
+from lightning_dino.eval import AttentionMapMonitor, KNNMonitor
 from lightning_dino.eval.knn import extract_features, knn_accuracy
 
 matplotlib.use("Agg")
@@ -124,6 +125,11 @@ def main() -> None:
     timer = TimedKNN(args.eval_every, args.minutes)
     fixed = ["--trainer.logger=false", f"--trainer.default_root_dir={args.out}"]
     cli = train(["--config", args.config, *fixed, *overrides], run=False)
+    # The config's own evaluation callbacks would run inside the timed training; this script
+    # evaluates on its own clock instead.
+    cli.trainer.callbacks[:] = [
+        c for c in cli.trainer.callbacks if not isinstance(c, KNNMonitor | AttentionMapMonitor)
+    ]
     cli.trainer.callbacks.append(timer)
     cli.datamodule.setup("fit")
     raw = raw_pixel_knn(cli.datamodule)

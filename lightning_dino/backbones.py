@@ -9,6 +9,7 @@ from typing import Any
 import timm
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_dino.head import DINOHead
 
@@ -24,7 +25,10 @@ def _timm_kwargs(name: str, drop_path_rate: float, extra: dict[str, Any]) -> lis
 
 
 def create_timm_backbone(
-    name: str, drop_path_rate: float = 0.0, backbone_kwargs: dict[str, Any] | None = None
+    name: str,
+    drop_path_rate: float = 0.0,
+    backbone_kwargs: dict[str, Any] | None = None,
+    feature_grid: int = 0,
 ) -> nn.Module:
     """Create a timm model without classifier that returns pooled features (B, D).
 
@@ -37,6 +41,8 @@ def create_timm_backbone(
         drop_path_rate: Stochastic depth rate (0.1 for the DINO student, 0 for the teacher).
         backbone_kwargs: Extra keyword arguments for ``timm.create_model`` (``img_size``,
             ``patch_size``, ``depth``, ``in_chans``...).
+        feature_grid: 0 keeps the model's own pooling; g > 0 replaces it with
+            :class:`GridPool` (a CNN's last map averaged to a g x g grid, flattened).
 
     Returns:
         The backbone module.
@@ -54,10 +60,64 @@ def create_timm_backbone(
     errors = []
     for kwargs in _timm_kwargs(name, drop_path_rate, dict(backbone_kwargs or {})):
         try:
-            return timm.create_model(name, **kwargs)
+            model = timm.create_model(name, **kwargs)
         except TypeError as err:  # the model does not take one of the optional arguments
             errors.append(str(err))
+            continue
+        return use_grid_pooling(model, feature_grid) if feature_grid else model
     raise TypeError(f"could not create timm model {name!r}: {errors[-1]}")
+
+
+class GridPool(nn.Module):
+    """Average-pool a feature map to a fixed ``grid x grid`` and flatten it, keeping the layout.
+
+    Global average pooling discards where a part is; on small, centred images (Fashion-MNIST,
+    digits) that position is what tells classes apart. Crops of any size give the same output
+    size, so global and local crops share the head.
+
+    Args:
+        grid: Output cells per side.
+    """
+
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        """Pool (B, C, H, W) to (B, C * grid * grid), channel-major."""
+        return F.adaptive_avg_pool2d(fmap, self.grid).flatten(1)
+
+
+def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
+    """Replace a timm CNN's ``global_pool`` with :class:`GridPool` in place.
+
+    The parameters and their names do not change (the pool has none), so checkpoints and exports
+    load into the plain timm model; only the pooling must be set again after loading.
+
+    Args:
+        backbone: A timm CNN with a ``global_pool`` module and ``num_features`` (ResNet family).
+        grid: Output cells per side (>= 1).
+
+    Returns:
+        ``backbone``, whose output is now (B, num_features * grid * grid).
+
+    Raises:
+        ValueError: If ``grid`` < 1 or the model has no ``global_pool`` to replace (ViTs pool
+            tokens, not feature maps).
+    """
+    if grid < 1:
+        raise ValueError(
+            f"--model.feature_grid must be >= 1 (or 0 for the model's pooling), got {grid}"
+        )
+    if not isinstance(getattr(backbone, "global_pool", None), nn.Module) or is_vit(backbone):
+        raise ValueError(
+            f"--model.feature_grid needs a CNN with a `global_pool` module (timm ResNet family); "
+            f"{type(backbone).__name__} has none. Use feature_grid: 0."
+        )
+    channels = backbone.num_features
+    backbone.global_pool = GridPool(grid)
+    backbone.num_features = channels * grid * grid
+    return backbone
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -132,6 +192,7 @@ def build_student_teacher(
     head_kwargs: dict[str, Any],
     drop_path_rate: float = 0.1,
     backbone_kwargs: dict[str, Any] | None = None,
+    feature_grid: int = 0,
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -144,13 +205,16 @@ def build_student_teacher(
         head_kwargs: Keyword arguments of :class:`DINOHead` except ``in_dim``.
         drop_path_rate: Stochastic depth of the student backbone (timm names only).
         backbone_kwargs: Extra ``timm.create_model`` arguments (timm names only).
+        feature_grid: See :func:`create_timm_backbone` (timm names only).
 
     Returns:
         ``(student, teacher)``.
     """
     if isinstance(backbone, str):
-        student_backbone = create_timm_backbone(backbone, drop_path_rate, backbone_kwargs)
-        teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs)
+        student_backbone = create_timm_backbone(
+            backbone, drop_path_rate, backbone_kwargs, feature_grid
+        )
+        teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs, feature_grid)
     else:
         student_backbone = backbone
         teacher_backbone = copy.deepcopy(backbone)

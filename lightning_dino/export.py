@@ -28,6 +28,10 @@ and silently tolerates missing keys); ``custom_load=False`` stops timm from trea
 the original ``.npz`` of models such as ``vit_tiny_patch16_224``. Pass ``num_classes=N`` (but keep
 the overlay's 0) to get the same backbone with a fresh N-way classifier.
 
+A run trained with ``feature_grid: g`` also writes ``"feature_grid": g``: the weights are plain
+timm, but the pooling is not, so after loading with timm set it again with
+``lightning_dino.backbones.use_grid_pooling(model, g)`` (``load_backbone`` does this).
+
 The teacher is exported by default: it is the network DINO evaluates and the one the official
 DINO releases publish.
 """
@@ -45,7 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_dino import __version__
-from lightning_dino.backbones import create_timm_backbone
+from lightning_dino.backbones import create_timm_backbone, use_grid_pooling
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_NAME = "model.safetensors"
@@ -91,9 +95,12 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = 
     architecture = hparams.get("backbone")
     out_dir = Path(out_dir)
     if isinstance(architecture, str):
-        model = build_timm_backbone(architecture, hparams.get("backbone_kwargs"))
+        grid = int(hparams.get("feature_grid") or 0)
+        model = build_timm_backbone(architecture, hparams.get("backbone_kwargs"), grid)
         _load_strict(model, state, f"{which} backbone of {checkpoint}")
         config = _timm_config(model, architecture, hparams.get("backbone_kwargs"), ckpt)
+        if grid:
+            config["feature_grid"] = grid
     else:
         config = _custom_module_config(ckpt, which)
     config.update(
@@ -155,7 +162,9 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
             "hyperparameters), so it cannot be rebuilt automatically. Run `export_backbone` and "
             f"load the weights into your module: {_custom_module_hint(Path('EXPORT_DIR'))}"
         )
-    model = build_timm_backbone(architecture, hparams.get("backbone_kwargs"))
+    model = build_timm_backbone(
+        architecture, hparams.get("backbone_kwargs"), int(hparams.get("feature_grid") or 0)
+    )
     _load_strict(model, state, f"{which} backbone of {path}")
     return model.eval()
 
@@ -223,17 +232,20 @@ def backbone_state_dict(
     return backbone
 
 
-def build_timm_backbone(architecture: str, backbone_kwargs: dict[str, Any] | None) -> nn.Module:
+def build_timm_backbone(
+    architecture: str, backbone_kwargs: dict[str, Any] | None, feature_grid: int = 0
+) -> nn.Module:
     """Build the backbone architecture DINO trained, without stochastic depth.
 
     Args:
         architecture: The timm model name from the checkpoint's hyperparameters.
         backbone_kwargs: The checkpoint's ``backbone_kwargs`` hyperparameter.
+        feature_grid: The checkpoint's ``feature_grid`` hyperparameter (0: timm's pooling).
 
     Returns:
         A randomly initialised timm model without classifier.
     """
-    return create_timm_backbone(architecture, 0.0, backbone_kwargs)
+    return create_timm_backbone(architecture, 0.0, backbone_kwargs, feature_grid)
 
 
 def timm_model_args(model: nn.Module, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -374,10 +386,12 @@ def _load_export(directory: Path, which: Which | None) -> nn.Module:
         )
     if config.get("architecture") is None:
         raise ValueError(f"{directory} has no timm architecture. {_custom_module_hint(directory)}")
-    return timm.create_model(
+    model = timm.create_model(
         config["architecture"],
         pretrained=True,
         pretrained_cfg_overlay={"file": str(weights_file), "num_classes": 0, "custom_load": False},
         num_classes=0,
         **config["model_args"],
     )
+    grid = int(config.get("feature_grid") or 0)
+    return use_grid_pooling(model, grid) if grid else model

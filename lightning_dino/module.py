@@ -83,6 +83,9 @@ class DINO(pl.LightningModule):
         backbone: A timm model name (any timm model; ViTs get dynamic image size) or an
             ``nn.Module`` returning (B, D) features.
         backbone_kwargs: Extra ``timm.create_model`` arguments (``img_size``, ``patch_size``...).
+        feature_grid: 0 keeps the backbone's pooling; g > 0 average-pools a CNN's last feature
+            map to a g x g grid and flattens it (features keep the layout; for small, centred
+            images such as Fashion-MNIST).
         drop_path_rate: Stochastic depth of the student backbone (the teacher has none).
         out_dim: Number of prototypes K of the head.
         hidden_dim: Hidden width of the head's MLP.
@@ -122,6 +125,7 @@ class DINO(pl.LightningModule):
         self,
         backbone: str | nn.Module = "vit_small_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
+        feature_grid: int = 0,
         drop_path_rate: float = 0.1,
         out_dim: int = 65536,
         hidden_dim: int = 2048,
@@ -163,6 +167,7 @@ class DINO(pl.LightningModule):
             },
             drop_path_rate=drop_path_rate,
             backbone_kwargs=backbone_kwargs,
+            feature_grid=feature_grid,
         )
         for network in (self.student, self.teacher):
             if channels_last and not is_vit(network.backbone):

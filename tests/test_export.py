@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_dino import DINO
+from lightning_dino.backbones import use_grid_pooling
 from lightning_dino.export import export_backbone, load_backbone
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
@@ -30,7 +31,7 @@ class Opaque:
 def plain_timm(export_dir: Path) -> nn.Module:
     """What a user without lightning_dino runs (see the export module docstring)."""
     cfg = json.loads((export_dir / "config.json").read_text())
-    return timm.create_model(
+    model = timm.create_model(
         cfg["architecture"],
         pretrained=True,
         pretrained_cfg_overlay=dict(
@@ -39,13 +40,18 @@ def plain_timm(export_dir: Path) -> nn.Module:
         num_classes=0,
         **cfg["model_args"],
     ).eval()
+    if "feature_grid" in cfg:  # the documented extra step for grid-pooled runs
+        use_grid_pooling(model, cfg["feature_grid"])
+    return model
 
 
-@pytest.fixture(scope="module", params=["vit", "resnet"])
+@pytest.fixture(scope="module", params=["vit", "resnet", "resnet_grid"])
 def trained(request, tmp_path_factory):
     """A DINO run of 2 steps whose teacher (momentum 0.5) differs from its student."""
     tmp_path = tmp_path_factory.mktemp(request.param)
-    kwargs = TINY_VIT if request.param == "vit" else TINY_RESNET
+    kwargs = {"vit": TINY_VIT, "resnet": TINY_RESNET, "resnet_grid": {**TINY_RESNET, "feature_grid": 2}}[
+        request.param
+    ]
     torch.manual_seed(0)
     model = DINO(**kwargs, momentum_teacher=0.5, warmup_epochs=0)
     trainer = make_trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
@@ -143,6 +149,8 @@ def test_timm_local_dir_loads_the_export(trained):
     model, ckpt, tmp_path = trained
     out = export_backbone(ckpt, tmp_path / "local")
     backbone = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    if model.hparams.feature_grid:
+        use_grid_pooling(backbone, model.hparams.feature_grid)
     torch.testing.assert_close(
         features(backbone, 32), features(model.teacher.backbone, 32), atol=1e-6, rtol=0
     )

@@ -29,3 +29,29 @@ def test_collapse_study_script(tmp_path):
     for variant in ("DINO", "no centring", "no sharpening", "no momentum"):
         assert f"| {variant} |" in out
     assert (tmp_path / "collapse" / "collapse.png").is_file()
+
+
+def test_feature_pooling_script(tmp_path):
+    out = run([str(ROOT / "benchmarks" / "feature_pooling.py"), "--config", str(ROOT / "tests" / "conf" / "tiny_resnet.yaml"),
+               "--random-init"], tmp_path)
+    lines = [line for line in out.splitlines() if line.startswith("random init |")]
+    assert [line.split("|")[1].split()[0] for line in lines] == ["avg", "max", "flatten"]
+
+
+def test_pooled_features_match_the_backbone():
+    import importlib.util
+
+    import timm
+    import torch
+
+    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
+    images, labels = torch.randn(6, 3, 64, 64), torch.arange(6)
+    feats, got_labels = module.pooled_features(backbone, [(images[:4], labels[:4]), (images[4:], labels[4:])])
+    with torch.no_grad():
+        fmap = backbone.eval().forward_features(images)  # (6, 8, 2, 2)
+    torch.testing.assert_close(feats["avg"], backbone(images))  # timm's own average pooling
+    torch.testing.assert_close(feats["max"], fmap.flatten(2).max(dim=2).values)
+    assert feats["flatten"].shape == (6, 8 * 2 * 2) and torch.equal(got_labels, labels)

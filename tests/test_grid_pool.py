@@ -1,0 +1,59 @@
+"""Grid pooling: a CNN's last feature map averaged to a g x g grid and flattened."""
+
+import pytest
+import timm
+import torch
+
+from lightning_dino import DINO
+from lightning_dino.backbones import GridPool, create_timm_backbone, use_grid_pooling
+
+
+def test_grid_pool_values_against_quadrant_means():
+    fmap = torch.randn(2, 3, 4, 6)
+    out = GridPool(2)(fmap)
+    expected = torch.stack(
+        [fmap[:, :, r * 2 : r * 2 + 2, c * 3 : c * 3 + 3].mean((2, 3)) for r in range(2) for c in range(2)],
+        dim=2,
+    ).flatten(1)  # channel-major: (B, C, 4 cells) -> (B, C * 4)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(GridPool(1)(fmap), fmap.mean((2, 3)))
+
+
+def test_timm_resnet_with_grid_pooling_keeps_layout_and_size():
+    torch.manual_seed(0)
+    model = create_timm_backbone("resnet18", backbone_kwargs={"channels": [8, 8, 8, 16]}, feature_grid=2).eval()
+    assert model.num_features == 16 * 4
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        fmap = model.forward_features(images)  # (3, 16, 2, 2): the grid is the map itself
+        torch.testing.assert_close(model(images), fmap.flatten(1))
+        # crops of other sizes give the same feature size, so global and local crops share the head
+        assert model(torch.randn(3, 3, 32, 32)).shape == (3, 64)
+    flipped = images.flip(-1)
+    with torch.no_grad():
+        assert not torch.allclose(model(flipped), model(images))  # position matters, unlike avg
+
+
+def test_state_dict_is_plain_timm():
+    model = create_timm_backbone("resnet18", backbone_kwargs={"channels": [8, 8, 8, 16]}, feature_grid=2)
+    plain = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 16])
+    plain.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_dino_head_takes_the_grid_features():
+    model = DINO(backbone="resnet18", backbone_kwargs={"channels": [8, 8, 8, 16]}, feature_grid=3, out_dim=32,
+                 hidden_dim=16, bottleneck_dim=8)
+    assert model.student.head.mlp[0].in_features == 16 * 9
+    assert model.hparams.feature_grid == 3
+    logits = model.student([torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)])
+    assert logits.shape == (2, 2, 32)
+
+
+def test_errors_name_the_key():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            depth=1, embed_dim=16, num_heads=1)
+    with pytest.raises(ValueError, match=r"--model\.feature_grid needs a CNN"):
+        use_grid_pooling(vit, 2)
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
+    with pytest.raises(ValueError, match=r"--model\.feature_grid must be >= 1"):
+        use_grid_pooling(resnet, -1)
