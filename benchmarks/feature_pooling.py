@@ -1,9 +1,9 @@
-"""k-NN of a CNN teacher's last feature map pooled three ways: average, max, and flattened.
+"""k-NN of a CNN teacher's last feature map pooled four ways: average, max, 2x2 grid, flattened.
 
 A DINO backbone's features are its pooled output, so how the last feature map is pooled decides
 what the k-NN sees. On small, centred images (Fashion-MNIST) the position of a part matters:
-average pooling throws it away, max pooling keeps the strongest response per channel, and the
-flattened map keeps the layout. This script measures the three on the same weights (a run's
+average pooling throws it away, max pooling keeps the strongest response per channel, the 2x2
+grid (``feature_grid: 2``) keeps it coarsely and the flattened map keeps all of it. This script measures the three on the same weights (a run's
 checkpoint, or the backbone at random initialisation with ``--random-init``), with the DINO
 k-NN protocol (k=20, T=0.07, cosine; train split as memory bank, test split as queries).
 
@@ -21,26 +21,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from lightning_dino.backbones import GridPool
 from lightning_dino.cli import train
 from lightning_dino.eval.knn import knn_accuracy
 from lightning_dino.export import load_backbone
 
-POOLINGS = ("avg", "max", "flatten")
+POOLINGS = ("avg", "max", "grid2", "flatten")
 
 
 def pooled_features(backbone: nn.Module, loader: DataLoader) -> tuple[dict[str, Tensor], Tensor]:
-    """Pool the last feature map (B, C, H, W) of a timm CNN three ways.
+    """Pool the last feature map (B, C, H, W) of a timm CNN four ways.
 
     Args:
         backbone: A timm model with ``forward_features`` returning (B, C, H, W).
         loader: Yields ``(images, labels)``.
 
     Returns:
-        ``({"avg": (N, C), "max": (N, C), "flatten": (N, C*H*W)}, labels (N,))``.
+        ``({"avg": (N, C), "max": (N, C), "grid2": (N, 4C), "flatten": (N, C*H*W)}, labels (N,))``.
     """
     pools = {
         "avg": lambda f: f.mean((2, 3)),
         "max": lambda f: f.amax((2, 3)),
+        "grid2": GridPool(2),
         "flatten": lambda f: f.flatten(1),
     }
     out: dict[str, list[Tensor]] = {name: [] for name in POOLINGS}

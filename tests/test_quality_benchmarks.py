@@ -35,7 +35,7 @@ def test_feature_pooling_script(tmp_path):
     out = run([str(ROOT / "benchmarks" / "feature_pooling.py"), "--config", str(ROOT / "tests" / "conf" / "tiny_resnet.yaml"),
                "--random-init"], tmp_path)
     lines = [line for line in out.splitlines() if line.startswith("random init |")]
-    assert [line.split("|")[1].split()[0] for line in lines] == ["avg", "max", "flatten"]
+    assert [line.split("|")[1].split()[0] for line in lines] == ["avg", "max", "grid2", "flatten"]
 
 
 def test_pooled_features_match_the_backbone():
@@ -54,4 +54,5 @@ def test_pooled_features_match_the_backbone():
         fmap = backbone.eval().forward_features(images)  # (6, 8, 2, 2)
     torch.testing.assert_close(feats["avg"], backbone(images))  # timm's own average pooling
     torch.testing.assert_close(feats["max"], fmap.flatten(2).max(dim=2).values)
+    torch.testing.assert_close(feats["grid2"], fmap.flatten(1))  # a 2x2 map is its own 2x2 grid
     assert feats["flatten"].shape == (6, 8 * 2 * 2) and torch.equal(got_labels, labels)
