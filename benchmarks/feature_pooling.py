@@ -3,9 +3,10 @@
 A DINO backbone's features are its pooled output, so how the last feature map is pooled decides
 what the k-NN sees. On small, centred images (Fashion-MNIST) the position of a part matters:
 average pooling throws it away, max pooling keeps the strongest response per channel, the 2x2
-grid (``feature_grid: 2``) keeps it coarsely and the flattened map keeps all of it. This script measures the three on the same weights (a run's
-checkpoint, or the backbone at random initialisation with ``--random-init``), with the DINO
-k-NN protocol (k=20, T=0.07, cosine; train split as memory bank, test split as queries).
+grid (``feature_grid: 2``) keeps it coarsely and the flattened map keeps all of it. This script
+measures the four on the same weights (a run's checkpoint, or the backbone at random
+initialisation with ``--random-init``), with the DINO k-NN protocol (k=20, T=0.07, cosine; train
+split as memory bank, test split as queries).
 
 Example:
     python benchmarks/feature_pooling.py --config configs/fashion_mnist_cpu.yaml \

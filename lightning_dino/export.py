@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_dino import __version__
-from lightning_dino.backbones import create_timm_backbone, use_grid_pooling
+from lightning_dino.backbones import GridPool, create_timm_backbone, use_grid_pooling
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_NAME = "model.safetensors"
@@ -95,12 +95,9 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = 
     architecture = hparams.get("backbone")
     out_dir = Path(out_dir)
     if isinstance(architecture, str):
-        grid = int(hparams.get("feature_grid") or 0)
-        model = build_timm_backbone(architecture, hparams.get("backbone_kwargs"), grid)
+        model = build_timm_backbone(hparams)
         _load_strict(model, state, f"{which} backbone of {checkpoint}")
         config = _timm_config(model, architecture, hparams.get("backbone_kwargs"), ckpt)
-        if grid:
-            config["feature_grid"] = grid
     else:
         config = _custom_module_config(ckpt, which)
     config.update(
@@ -162,9 +159,7 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
             "hyperparameters), so it cannot be rebuilt automatically. Run `export_backbone` and "
             f"load the weights into your module: {_custom_module_hint(Path('EXPORT_DIR'))}"
         )
-    model = build_timm_backbone(
-        architecture, hparams.get("backbone_kwargs"), int(hparams.get("feature_grid") or 0)
-    )
+    model = build_timm_backbone(hparams)
     _load_strict(model, state, f"{which} backbone of {path}")
     return model.eval()
 
@@ -232,20 +227,22 @@ def backbone_state_dict(
     return backbone
 
 
-def build_timm_backbone(
-    architecture: str, backbone_kwargs: dict[str, Any] | None, feature_grid: int = 0
-) -> nn.Module:
+def build_timm_backbone(hparams: dict[str, Any]) -> nn.Module:
     """Build the backbone architecture DINO trained, without stochastic depth.
 
     Args:
-        architecture: The timm model name from the checkpoint's hyperparameters.
-        backbone_kwargs: The checkpoint's ``backbone_kwargs`` hyperparameter.
-        feature_grid: The checkpoint's ``feature_grid`` hyperparameter (0: timm's pooling).
+        hparams: The checkpoint's hyperparameters: the timm name ``backbone``, and
+            ``backbone_kwargs`` and ``feature_grid`` when set.
 
     Returns:
         A randomly initialised timm model without classifier.
     """
-    return create_timm_backbone(architecture, 0.0, backbone_kwargs, feature_grid)
+    return create_timm_backbone(
+        hparams["backbone"],
+        0.0,
+        hparams.get("backbone_kwargs"),
+        int(hparams.get("feature_grid") or 0),
+    )
 
 
 def timm_model_args(model: nn.Module, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -286,13 +283,17 @@ def _timm_config(
 ) -> dict[str, Any]:
     """config.json content for a timm backbone, in timm's Hugging Face layout."""
     model_args = timm_model_args(model, backbone_kwargs)
-    return {
+    config = {
         "architecture": architecture,
         "num_classes": 0,
         "num_features": int(model.num_features),
         "model_args": model_args,
         "pretrained_cfg": _pretrained_cfg(model, model_args, ckpt),
     }
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, GridPool):  # not a timm argument: load_backbone sets it again
+        config["feature_grid"] = pool.grid
+    return config
 
 
 def eval_preprocessing(ckpt: dict[str, Any]) -> dict[str, Any]:
