@@ -215,6 +215,12 @@ def build_student_teacher(
             backbone, drop_path_rate, backbone_kwargs, feature_grid
         )
         teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs, feature_grid)
+    elif feature_grid:
+        raise ValueError(
+            "--model.feature_grid applies to timm backbones given by name; for your own "
+            "module, pool inside it (e.g. lightning_dino.backbones.use_grid_pooling) and pass "
+            "feature_grid: 0"
+        )
     else:
         student_backbone = backbone
         teacher_backbone = copy.deepcopy(backbone)

@@ -57,3 +57,9 @@ def test_errors_name_the_key():
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
     with pytest.raises(ValueError, match=r"--model\.feature_grid must be >= 1"):
         use_grid_pooling(resnet, -1)
+
+
+def test_feature_grid_with_a_custom_module_is_an_error_not_ignored():
+    backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
+    with pytest.raises(ValueError, match=r"feature_grid applies to timm backbones given by name"):
+        DINO(backbone=backbone, feature_grid=2, out_dim=32, hidden_dim=16, bottleneck_dim=8)
