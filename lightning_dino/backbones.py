@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from typing import Any
 
 import timm
@@ -41,8 +42,9 @@ def create_timm_backbone(
         drop_path_rate: Stochastic depth rate (0.1 for the DINO student, 0 for the teacher).
         backbone_kwargs: Extra keyword arguments for ``timm.create_model`` (``img_size``,
             ``patch_size``, ``depth``, ``in_chans``...).
-        feature_grid: 0 keeps the model's own pooling; g > 0 replaces it with
-            :class:`GridPool` (a CNN's last map averaged to a g x g grid, flattened).
+        feature_grid: 0 keeps the model's own pooling; g > 0 keeps a coarse layout (see
+            :func:`use_grid_pooling`): a CNN's last map averaged to a g x g grid and flattened,
+            a ViT's class token followed by its patch tokens averaged to a g x g grid.
 
     Returns:
         The backbone module.
@@ -88,36 +90,90 @@ class GridPool(nn.Module):
         return F.adaptive_avg_pool2d(fmap, self.grid).flatten(1)
 
 
-def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
-    """Replace a timm CNN's ``global_pool`` with :class:`GridPool` in place.
+class TokenGridPool(nn.Module):
+    """A ViT's class token next to its patch tokens averaged to a ``grid x grid`` layout.
 
-    The parameters and their names do not change (the pool has none), so checkpoints and exports
-    load into the plain timm model; only the pooling must be set again after loading.
+    The ViT counterpart of :class:`GridPool`: the class token stays the first part of the
+    features (so the attention maps of the class token still belong to what is trained), and the
+    patch tokens, laid out as their square map, add where each part is.
 
     Args:
-        backbone: A timm CNN with a ``global_pool`` module and ``num_features`` (ResNet family).
+        grid: Output cells per side.
+        num_prefix_tokens: Tokens before the patches (class and register tokens).
+    """
+
+    def __init__(self, grid: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Pool (B, P + h*h, C) tokens to (B, C * (1 + grid * grid)): class token, then the grid."""
+        patches = tokens[:, self.num_prefix_tokens :]
+        batch, n_patches, channels = patches.shape
+        side = math.isqrt(n_patches)
+        if side * side != n_patches:
+            raise ValueError(
+                f"--model.feature_grid with a ViT needs square crops; got {n_patches} patch tokens"
+            )
+        fmap = patches.transpose(1, 2).reshape(batch, channels, side, side)
+        grid = F.adaptive_avg_pool2d(fmap, self.grid).flatten(1)
+        return torch.cat([tokens[:, 0], grid], dim=1)
+
+
+def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
+    """Make a timm model's features keep a coarse ``grid x grid`` layout, in place.
+
+    A CNN's ``global_pool`` becomes :class:`GridPool`; a ViT with a class token pools with
+    :class:`TokenGridPool` (class token + patch-token grid). The parameters and their names do
+    not change (the pools have none), so checkpoints and exports load into the plain timm model;
+    only the pooling must be set again after loading.
+
+    Args:
+        backbone: A timm CNN with a ``global_pool`` module and ``num_features`` (ResNet family),
+            or a timm VisionTransformer with a class token and no attention pooling.
         grid: Output cells per side (>= 1).
 
     Returns:
-        ``backbone``, whose output is now (B, num_features * grid * grid).
+        ``backbone``, whose output is now (B, num_features * grid * grid) for a CNN and
+        (B, embed_dim * (1 + grid * grid)) for a ViT.
 
     Raises:
-        ValueError: If ``grid`` < 1 or the model has no ``global_pool`` to replace (ViTs pool
-            tokens, not feature maps).
+        ValueError: If ``grid`` < 1 or the model has no pooling this can replace.
     """
     if grid < 1:
         raise ValueError(
             f"--model.feature_grid must be >= 1 (or 0 for the model's pooling), got {grid}"
         )
-    if not isinstance(getattr(backbone, "global_pool", None), nn.Module) or is_vit(backbone):
+    if is_vit(backbone):
+        has_class_token = getattr(backbone, "cls_token", None) is not None
+        if not has_class_token or getattr(backbone, "attn_pool", 0) is not None:
+            raise ValueError(
+                f"--model.feature_grid needs a ViT with a class token and no attention pooling "
+                f"(global_pool: token); {type(backbone).__name__} is not one. Use feature_grid: 0."
+            )
+        # timm's VisionTransformer.pool hands every token to attn_pool when it is set
+        backbone.attn_pool = TokenGridPool(grid, backbone.num_prefix_tokens)
+        backbone.pool_include_prefix = True
+        backbone.num_features = backbone.embed_dim * (1 + grid * grid)
+        return backbone
+    if not isinstance(getattr(backbone, "global_pool", None), nn.Module):
         raise ValueError(
-            f"--model.feature_grid needs a CNN with a `global_pool` module (timm ResNet family); "
-            f"{type(backbone).__name__} has none. Use feature_grid: 0."
+            f"--model.feature_grid needs a CNN with a `global_pool` module (timm ResNet family) "
+            f"or a timm ViT; {type(backbone).__name__} has neither. Use feature_grid: 0."
         )
     channels = backbone.num_features
     backbone.global_pool = GridPool(grid)
     backbone.num_features = channels * grid * grid
     return backbone
+
+
+def feature_grid_of(backbone: nn.Module) -> int:
+    """The ``grid`` set by :func:`use_grid_pooling` on ``backbone``, 0 when it was not used."""
+    for pool in (getattr(backbone, "global_pool", None), getattr(backbone, "attn_pool", None)):
+        if isinstance(pool, (GridPool, TokenGridPool)):
+            return pool.grid
+    return 0
 
 
 def feature_dim(backbone: nn.Module) -> int:

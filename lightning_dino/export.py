@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_dino import __version__
-from lightning_dino.backbones import GridPool, create_timm_backbone, use_grid_pooling
+from lightning_dino.backbones import create_timm_backbone, feature_grid_of, use_grid_pooling
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_NAME = "model.safetensors"
@@ -290,9 +290,9 @@ def _timm_config(
         "model_args": model_args,
         "pretrained_cfg": _pretrained_cfg(model, model_args, ckpt),
     }
-    pool = getattr(model, "global_pool", None)
-    if isinstance(pool, GridPool):  # not a timm argument: load_backbone sets it again
-        config["feature_grid"] = pool.grid
+    grid = feature_grid_of(model)
+    if grid:  # not a timm argument: load_backbone sets it again
+        config["feature_grid"] = grid
     return config
 
 

@@ -84,8 +84,9 @@ class DINO(pl.LightningModule):
             ``nn.Module`` returning (B, D) features.
         backbone_kwargs: Extra ``timm.create_model`` arguments (``img_size``, ``patch_size``...).
         feature_grid: 0 keeps the backbone's pooling; g > 0 average-pools a CNN's last feature
-            map to a g x g grid and flattens it (features keep the layout; for small, centred
-            images such as Fashion-MNIST).
+            map to a g x g grid and flattens it, or appends a ViT's patch tokens averaged to a
+            g x g grid to its class token (features keep the layout; for small, centred images
+            such as Fashion-MNIST).
         drop_path_rate: Stochastic depth of the student backbone (the teacher has none).
         out_dim: Number of prototypes K of the head.
         hidden_dim: Hidden width of the head's MLP.

@@ -45,13 +45,16 @@ def plain_timm(export_dir: Path) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", params=["vit", "resnet", "resnet_grid"])
+@pytest.fixture(scope="module", params=["vit", "vit_grid", "resnet", "resnet_grid"])
 def trained(request, tmp_path_factory):
     """A DINO run of 2 steps whose teacher (momentum 0.5) differs from its student."""
     tmp_path = tmp_path_factory.mktemp(request.param)
-    kwargs = {"vit": TINY_VIT, "resnet": TINY_RESNET, "resnet_grid": {**TINY_RESNET, "feature_grid": 2}}[
-        request.param
-    ]
+    kwargs = {
+        "vit": TINY_VIT,
+        "vit_grid": {**TINY_VIT, "feature_grid": 2},
+        "resnet": TINY_RESNET,
+        "resnet_grid": {**TINY_RESNET, "feature_grid": 2},
+    }[request.param]
     torch.manual_seed(0)
     model = DINO(**kwargs, momentum_teacher=0.5, warmup_epochs=0)
     trainer = make_trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)

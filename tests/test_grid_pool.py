@@ -1,11 +1,16 @@
-"""Grid pooling: a CNN's last feature map averaged to a g x g grid and flattened."""
+"""Grid pooling: a CNN's last map (or a ViT's patch tokens) averaged to a g x g grid and flattened."""
 
 import pytest
 import timm
 import torch
 
 from lightning_dino import DINO
-from lightning_dino.backbones import GridPool, create_timm_backbone, use_grid_pooling
+from lightning_dino.backbones import (
+    GridPool,
+    create_timm_backbone,
+    feature_grid_of,
+    use_grid_pooling,
+)
 
 
 def test_grid_pool_values_against_quadrant_means():
@@ -49,11 +54,39 @@ def test_dino_head_takes_the_grid_features():
     assert logits.shape == (2, 2, 32)
 
 
+TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 1}
+
+
+def test_vit_grid_is_class_token_then_patch_quadrant_means():
+    torch.manual_seed(0)
+    model = create_timm_backbone("vit_tiny_patch16_224", backbone_kwargs=TINY_VIT_KWARGS, feature_grid=2).eval()
+    assert model.num_features == 16 * 5
+    assert feature_grid_of(model) == 2
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(images)  # (2, 1 + 16, 16): class token, then a 4x4 patch map
+        out = model(images)
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 80)  # a local crop: 2x2 patches
+    patches = tokens[:, 1:].reshape(2, 4, 4, 16)  # row-major patch order
+    quadrants = [patches[:, r * 2 : r * 2 + 2, c * 2 : c * 2 + 2].mean((1, 2)) for r in range(2) for c in range(2)]
+    expected = torch.cat([tokens[:, 0], torch.stack(quadrants, dim=2).flatten(1)], dim=1)  # channel-major grid
+    torch.testing.assert_close(out, expected)
+
+
+def test_vit_grid_state_dict_is_plain_timm():
+    model = create_timm_backbone("vit_tiny_patch16_224", backbone_kwargs=TINY_VIT_KWARGS, feature_grid=2)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT_KWARGS)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert feature_grid_of(plain) == 0
+
+
 def test_errors_name_the_key():
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            depth=1, embed_dim=16, num_heads=1)
+    no_class_token = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, class_token=False,
+                                       global_pool="avg", **TINY_VIT_KWARGS)
+    with pytest.raises(ValueError, match=r"--model\.feature_grid needs a ViT with a class token"):
+        use_grid_pooling(no_class_token, 2)
     with pytest.raises(ValueError, match=r"--model\.feature_grid needs a CNN"):
-        use_grid_pooling(vit, 2)
+        use_grid_pooling(torch.nn.Linear(3, 3), 2)
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
     with pytest.raises(ValueError, match=r"--model\.feature_grid must be >= 1"):
         use_grid_pooling(resnet, -1)
