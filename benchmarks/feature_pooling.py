@@ -1,12 +1,14 @@
-"""k-NN of a CNN teacher's last feature map pooled four ways: average, max, 2x2 grid, flattened.
+"""k-NN of a teacher's last features pooled several ways (CNN feature map or ViT tokens).
 
 A DINO backbone's features are its pooled output, so how the last feature map is pooled decides
 what the k-NN sees. On small, centred images (Fashion-MNIST) the position of a part matters:
 average pooling throws it away, max pooling keeps the strongest response per channel, the 2x2
-grid (``feature_grid: 2``) keeps it coarsely and the flattened map keeps all of it. This script
-measures the four on the same weights (a run's checkpoint, or the backbone at random
-initialisation with ``--random-init``), with the DINO k-NN protocol (k=20, T=0.07, cosine; train
-split as memory bank, test split as queries).
+grid (``feature_grid: 2``) keeps it coarsely and the flattened map keeps all of it. A CNN's map
+is pooled four ways (avg, max, grid2, flatten); a ViT's tokens five (its class token, the average
+patch token, the 2x2 grid of patch tokens, the class token followed by that grid as with
+``feature_grid: 2``, and the flattened patch tokens). Measured on the same weights (a run's
+checkpoint, or the backbone at random initialisation with ``--random-init``), with the DINO k-NN
+protocol (k=20, T=0.07, cosine; train split as memory bank, test split as queries).
 
 Example:
     python benchmarks/feature_pooling.py --config configs/fashion_mnist_cpu.yaml \
@@ -16,44 +18,63 @@ Example:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lightning_dino.backbones import GridPool
+from lightning_dino.backbones import GridPool, TokenGridPool, is_vit
 from lightning_dino.cli import train
 from lightning_dino.eval.knn import knn_accuracy
 from lightning_dino.export import load_backbone
 
-POOLINGS = ("avg", "max", "grid2", "flatten")
 
-
-def pooled_features(backbone: nn.Module, loader: DataLoader) -> tuple[dict[str, Tensor], Tensor]:
-    """Pool the last feature map (B, C, H, W) of a timm CNN four ways.
-
-    Args:
-        backbone: A timm model with ``forward_features`` returning (B, C, H, W).
-        loader: Yields ``(images, labels)``.
-
-    Returns:
-        ``({"avg": (N, C), "max": (N, C), "grid2": (N, 4C), "flatten": (N, C*H*W)}, labels (N,))``.
-    """
-    pools = {
+def cnn_pools() -> dict[str, Callable[[Tensor], Tensor]]:
+    """Poolings of a CNN's last map (B, C, H, W)."""
+    return {
         "avg": lambda f: f.mean((2, 3)),
         "max": lambda f: f.amax((2, 3)),
         "grid2": GridPool(2),
         "flatten": lambda f: f.flatten(1),
     }
-    out: dict[str, list[Tensor]] = {name: [] for name in POOLINGS}
+
+
+def vit_pools(num_prefix_tokens: int) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Poolings of a ViT's final-norm tokens (B, P + h*h, C), class token first."""
+    with_class_token = TokenGridPool(2, num_prefix_tokens)
+    return {
+        "cls": lambda t: t[:, 0],
+        "avg": lambda t: t[:, num_prefix_tokens:].mean(1),
+        "grid2": lambda t: with_class_token(t)[:, t.shape[-1] :],  # drop the class token
+        "cls+grid2": with_class_token,
+        "flatten": lambda t: t[:, num_prefix_tokens:].flatten(1),
+    }
+
+
+def pooled_features(backbone: nn.Module, loader: DataLoader) -> tuple[dict[str, Tensor], Tensor]:
+    """Pool the last features of a timm CNN (four ways) or ViT (five ways).
+
+    Args:
+        backbone: A timm CNN whose ``forward_features`` returns (B, C, H, W), or a timm ViT
+            whose ``forward_features`` returns (B, P + h*h, C) tokens.
+        loader: Yields ``(images, labels)``.
+
+    Returns:
+        ``({pooling name: (N, D)}, labels (N,))``; a CNN's are ``avg`` (C), ``max`` (C),
+        ``grid2`` (4C), ``flatten`` (C*H*W), a ViT's ``cls`` (C), ``avg`` (C), ``grid2`` (4C),
+        ``cls+grid2`` (5C), ``flatten`` (C*h*h).
+    """
+    pools = vit_pools(backbone.num_prefix_tokens) if is_vit(backbone) else cnn_pools()
+    out: dict[str, list[Tensor]] = {name: [] for name in pools}
     labels = []
     backbone.eval()
     with torch.inference_mode():
         for images, targets in tqdm(loader, desc="features", leave=False):
             fmap = backbone.forward_features(images)
-            if fmap.ndim != 4:
-                raise ValueError(f"forward_features returned shape {tuple(fmap.shape)}, not (B, C, H, W)")
+            if fmap.ndim != (3 if is_vit(backbone) else 4):
+                raise ValueError(f"forward_features returned an unexpected shape {tuple(fmap.shape)}")
             for name, pool in pools.items():
                 out[name].append(pool(fmap).float())
             labels.append(targets)
@@ -74,7 +95,7 @@ def main() -> None:
     bank, bank_labels = pooled_features(backbone, cli.datamodule.knn_train_dataloader())
     queries, query_labels = pooled_features(backbone, cli.datamodule.knn_val_dataloader())
     which = "random init" if args.random_init else args.ckpt
-    for name in POOLINGS:
+    for name in bank:
         top1, _ = knn_accuracy(bank[name], bank_labels, queries[name], query_labels)
         print(f"{which} | {name:7s} pooling | dim {bank[name].shape[1]:5d} | k-NN top1 {100 * top1:.2f}%")
 

@@ -56,3 +56,27 @@ def test_pooled_features_match_the_backbone():
     torch.testing.assert_close(feats["max"], fmap.flatten(2).max(dim=2).values)
     torch.testing.assert_close(feats["grid2"], fmap.flatten(1))  # a 2x2 map is its own 2x2 grid
     assert feats["flatten"].shape == (6, 8 * 2 * 2) and torch.equal(got_labels, labels)
+
+
+def test_pooled_vit_tokens_match_independent_computations():
+    import importlib.util
+
+    import timm
+    import torch
+
+    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=16,
+                            depth=1, embed_dim=8, num_heads=1)
+    images, labels = torch.randn(3, 3, 32, 32), torch.arange(3)
+    feats, _ = module.pooled_features(vit, [(images, labels)])
+    with torch.no_grad():
+        tokens = vit.eval().forward_features(images)  # (3, 1 + 4, 8): a 2x2 patch map is its own 2x2 grid
+    patches = tokens[:, 1:]
+    torch.testing.assert_close(feats["cls"], vit(images))  # timm's own class-token pooling
+    torch.testing.assert_close(feats["avg"], patches.mean(1))
+    torch.testing.assert_close(feats["grid2"], patches.transpose(1, 2).flatten(1))  # channel-major
+    torch.testing.assert_close(feats["cls+grid2"], torch.cat([tokens[:, 0], feats["grid2"]], 1))
+    torch.testing.assert_close(feats["flatten"], patches.flatten(1))
