@@ -66,14 +66,15 @@ def pooled_features(backbone: nn.Module, loader: DataLoader) -> tuple[dict[str, 
         ``grid2`` (4C), ``flatten`` (C*H*W), a ViT's ``cls`` (C), ``avg`` (C), ``grid2`` (4C),
         ``cls+grid2`` (5C), ``flatten`` (C*h*h).
     """
-    pools = vit_pools(backbone.num_prefix_tokens) if is_vit(backbone) else cnn_pools()
+    vit = is_vit(backbone)
+    pools = vit_pools(backbone.num_prefix_tokens) if vit else cnn_pools()
     out: dict[str, list[Tensor]] = {name: [] for name in pools}
     labels = []
     backbone.eval()
     with torch.inference_mode():
         for images, targets in tqdm(loader, desc="features", leave=False):
             fmap = backbone.forward_features(images)
-            if fmap.ndim != (3 if is_vit(backbone) else 4):
+            if fmap.ndim != (3 if vit else 4):
                 raise ValueError(f"forward_features returned an unexpected shape {tuple(fmap.shape)}")
             for name, pool in pools.items():
                 out[name].append(pool(fmap).float())

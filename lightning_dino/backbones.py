@@ -90,7 +90,7 @@ class GridPool(nn.Module):
         return F.adaptive_avg_pool2d(fmap, self.grid).flatten(1)
 
 
-class TokenGridPool(nn.Module):
+class TokenGridPool(GridPool):
     """A ViT's class token next to its patch tokens averaged to a ``grid x grid`` layout.
 
     The ViT counterpart of :class:`GridPool`: the class token stays the first part of the
@@ -103,8 +103,7 @@ class TokenGridPool(nn.Module):
     """
 
     def __init__(self, grid: int, num_prefix_tokens: int) -> None:
-        super().__init__()
-        self.grid = grid
+        super().__init__(grid)
         self.num_prefix_tokens = num_prefix_tokens
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -117,8 +116,7 @@ class TokenGridPool(nn.Module):
                 f"--model.feature_grid with a ViT needs square crops; got {n_patches} patch tokens"
             )
         fmap = patches.transpose(1, 2).reshape(batch, channels, side, side)
-        grid = F.adaptive_avg_pool2d(fmap, self.grid).flatten(1)
-        return torch.cat([tokens[:, 0], grid], dim=1)
+        return torch.cat([tokens[:, 0], super().forward(fmap)], dim=1)
 
 
 def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
@@ -171,7 +169,7 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
 def feature_grid_of(backbone: nn.Module) -> int:
     """The ``grid`` set by :func:`use_grid_pooling` on ``backbone``, 0 when it was not used."""
     for pool in (getattr(backbone, "global_pool", None), getattr(backbone, "attn_pool", None)):
-        if isinstance(pool, (GridPool, TokenGridPool)):
+        if isinstance(pool, GridPool):
             return pool.grid
     return 0
 
