@@ -80,3 +80,34 @@ def test_pooled_vit_tokens_match_independent_computations():
     torch.testing.assert_close(feats["grid2"], patches.transpose(1, 2).flatten(1))  # channel-major
     torch.testing.assert_close(feats["cls+grid2"], torch.cat([tokens[:, 0], feats["grid2"]], 1))
     torch.testing.assert_close(feats["flatten"], patches.flatten(1))
+
+
+def test_pooled_features_follow_the_grid_argument():
+    import importlib.util
+
+    import timm
+    import torch
+
+    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=48, patch_size=16,
+                            depth=1, embed_dim=8, num_heads=1)
+    images, labels = torch.randn(3, 3, 48, 48), torch.arange(3)
+    feats, _ = module.pooled_features(vit, [(images, labels)], grid=3)
+    with torch.no_grad():
+        tokens = vit.eval().forward_features(images)  # (3, 1 + 9, 8): a 3x3 patch map is its own 3x3 grid
+    assert set(feats) == {"cls", "avg", "grid3", "cls+grid3", "flatten"}
+    torch.testing.assert_close(feats["grid3"], tokens[:, 1:].transpose(1, 2).flatten(1))
+    torch.testing.assert_close(feats["cls+grid3"], torch.cat([tokens[:, 0], feats["grid3"]], 1))
+    cnn = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
+    cnn_feats, _ = module.pooled_features(cnn, [(images, labels)], grid=1)
+    torch.testing.assert_close(cnn_feats["grid1"], cnn_feats["avg"])  # a 1x1 grid is the average
+
+
+def test_feature_pooling_script_reads_the_grid_of_the_config(tmp_path):
+    out = run([str(ROOT / "benchmarks" / "feature_pooling.py"), "--config", str(ROOT / "tests" / "conf" / "tiny_resnet.yaml"),
+               "--random-init", "--model.feature_grid=3"], tmp_path)
+    lines = [line for line in out.splitlines() if line.startswith("random init |")]
+    assert [line.split("|")[1].split()[0] for line in lines] == ["avg", "max", "grid3", "flatten"]
