@@ -14,6 +14,32 @@ def run(args, tmp_path):
     return result.stdout
 
 
+def feature_pooling_module():
+    """benchmarks/feature_pooling.py imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_block_vit(img_size):
+    """A 1-block, 8-wide ViT with 16-px patches: (img_size / 16)^2 patch tokens after a class token."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=img_size,
+                             patch_size=16, depth=1, embed_dim=8, num_heads=1)
+
+
+def pooling_names(tmp_path, *flags):
+    """The pooling names feature_pooling.py prints for tiny_resnet.yaml at random init."""
+    out = run([str(ROOT / "benchmarks" / "feature_pooling.py"), "--config", str(ROOT / "tests" / "conf" / "tiny_resnet.yaml"),
+               "--random-init", *flags], tmp_path)
+    lines = [line for line in out.splitlines() if line.startswith("random init |")]
+    return [line.split("|")[1].split()[0] for line in lines]
+
+
 def test_fashion_mnist_benchmark_script(tmp_path):
     out = run([str(ROOT / "benchmarks" / "fashion_mnist.py"), "--config", str(TINY), "--minutes", "0.02",
                "--eval-every", "0.01", "--out", str(tmp_path / "bench")], tmp_path)
@@ -32,21 +58,14 @@ def test_collapse_study_script(tmp_path):
 
 
 def test_feature_pooling_script(tmp_path):
-    out = run([str(ROOT / "benchmarks" / "feature_pooling.py"), "--config", str(ROOT / "tests" / "conf" / "tiny_resnet.yaml"),
-               "--random-init"], tmp_path)
-    lines = [line for line in out.splitlines() if line.startswith("random init |")]
-    assert [line.split("|")[1].split()[0] for line in lines] == ["avg", "max", "grid2", "flatten"]
+    assert pooling_names(tmp_path) == ["avg", "max", "grid2", "flatten"]
 
 
 def test_pooled_features_match_the_backbone():
-    import importlib.util
-
     import timm
     import torch
 
-    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = feature_pooling_module()
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
     images, labels = torch.randn(6, 3, 64, 64), torch.arange(6)
     feats, got_labels = module.pooled_features(backbone, [(images[:4], labels[:4]), (images[4:], labels[4:])])
@@ -59,17 +78,11 @@ def test_pooled_features_match_the_backbone():
 
 
 def test_pooled_vit_tokens_match_independent_computations():
-    import importlib.util
-
-    import timm
     import torch
 
-    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = feature_pooling_module()
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=16,
-                            depth=1, embed_dim=8, num_heads=1)
+    vit = one_block_vit(32)
     images, labels = torch.randn(3, 3, 32, 32), torch.arange(3)
     feats, _ = module.pooled_features(vit, [(images, labels)])
     with torch.no_grad():
@@ -83,17 +96,12 @@ def test_pooled_vit_tokens_match_independent_computations():
 
 
 def test_pooled_features_follow_the_grid_argument():
-    import importlib.util
-
     import timm
     import torch
 
-    spec = importlib.util.spec_from_file_location("feature_pooling", ROOT / "benchmarks" / "feature_pooling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = feature_pooling_module()
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=48, patch_size=16,
-                            depth=1, embed_dim=8, num_heads=1)
+    vit = one_block_vit(48)
     images, labels = torch.randn(3, 3, 48, 48), torch.arange(3)
     feats, _ = module.pooled_features(vit, [(images, labels)], grid=3)
     with torch.no_grad():
@@ -107,7 +115,4 @@ def test_pooled_features_follow_the_grid_argument():
 
 
 def test_feature_pooling_script_reads_the_grid_of_the_config(tmp_path):
-    out = run([str(ROOT / "benchmarks" / "feature_pooling.py"), "--config", str(ROOT / "tests" / "conf" / "tiny_resnet.yaml"),
-               "--random-init", "--model.feature_grid=3"], tmp_path)
-    lines = [line for line in out.splitlines() if line.startswith("random init |")]
-    assert [line.split("|")[1].split()[0] for line in lines] == ["avg", "max", "grid3", "flatten"]
+    assert pooling_names(tmp_path, "--model.feature_grid=3") == ["avg", "max", "grid3", "flatten"]
