@@ -19,6 +19,8 @@ from lightning_dino.export import export_backbone, load_backbone
 from lightning_dino.head import DINOHead
 from lightning_dino.loss import DINOLoss
 from lightning_dino.module import DINO
+from lightning_dino.preemption import TrainingInterrupted
+from lightning_dino.schedules import StepScheduler
 from lightning_dino.teacher import TeacherEMA, ema_update
 
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "MultiCropTransform",
     "RandomStateCallback",
     "ResumableDataLoader",
+    "StepScheduler",
     "TeacherEMA",
+    "TrainingInterrupted",
     "__version__",
     "attention_maps",
     "collapse_statistics",

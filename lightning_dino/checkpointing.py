@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -28,6 +29,8 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_dino.preemption import StopSignals, TrainingInterrupted
 
 _TEMPORARY_SUFFIX = ".partial"
 
@@ -47,6 +50,15 @@ class DINOCheckpoint(ModelCheckpoint):
     * **Finite guard**: before writing, every floating-point parameter and buffer is checked;
       non-finite weights raise :class:`FloatingPointError` naming the first bad tensor, and the
       last good checkpoint stays as it was.
+    * **Signals**: on SIGTERM or SIGINT the running optimizer step finishes, ``last.ckpt`` is
+      written at that step (every process agreeing, atomically) and
+      :class:`~lightning_dino.preemption.TrainingInterrupted` ends the run with exit status 143
+      (SIGTERM) or 130 (SIGINT); ``--ckpt_path last`` continues exactly from there. At an
+      epoch's last step the epoch-end checkpoints are written first. A second signal of the
+      same kind acts at once.
+    * **Torn files**: temporary ``.NAME.partial`` files left by a process killed while writing
+      are removed when training starts, from this run's folder and from the folder of the
+      checkpoint it resumes.
     * **Finding "last"**: ``fit --ckpt_path last`` with the default ``dirpath`` (the logger's
       ``version_N/checkpoints``) looks in the folders of all versions of the experiment and
       picks the newest ``last.ckpt``, since a resumed run logs to a new version.
@@ -78,6 +90,33 @@ class DINOCheckpoint(ModelCheckpoint):
             )
         self.last_every_n_train_steps = last_every_n_train_steps
         self.check_finite = check_finite
+        self._signals = StopSignals()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove torn temporary files and start catching SIGTERM / SIGINT."""
+        super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero:
+            folders = {self.dirpath, os.path.dirname(str(trainer.ckpt_path or ""))}
+            for folder in folders - {None, ""}:
+                remove_torn_files(str(folder))
+        self._signals.install()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop catching signals."""
+        super().on_train_end(trainer, pl_module)
+        self._signals.restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Stop catching signals (then save, when ``save_on_exception`` asks for it)."""
+        self._signals.restore()
+        super().on_exception(trainer, pl_module, exception)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save as configured; then stop if a signal arrived during the epoch's last step."""
+        super().on_train_epoch_end(trainer, pl_module)
+        self._stop_if_signalled(trainer)
 
     def on_train_batch_end(
         self,
@@ -98,6 +137,24 @@ class DINOCheckpoint(ModelCheckpoint):
             and not self._should_skip_saving_checkpoint(trainer)
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` at this step and end the run if any process got a signal."""
+        signum = self._signals.agreed(trainer)
+        if signum is None:
+            return
+        candidates = self._monitor_candidates(trainer)
+        path = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
+        if self.last_model_path != path or self._last_global_step_saved != trainer.global_step:
+            self.last_model_path = path
+            self._save_checkpoint(trainer, path)
+        rank_zero_warn(
+            f"{signal.Signals(signum).name} received: saved {path} at step "
+            f"{trainer.global_step}; resume with --ckpt_path {path}"
+        )
+        raise TrainingInterrupted(signum, path)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         """Write ``filepath`` through a temporary file in its directory and ``os.replace``."""
@@ -244,6 +301,27 @@ def _check_finite(trainer: pl.Trainer, filepath: str, last_saved: str) -> None:
         "lower --model.teacher_temp, or a smaller --model.clip_grad; resume from the kept "
         "checkpoint with --ckpt_path."
     )
+
+
+def remove_torn_files(folder: str) -> list[str]:
+    """Delete the temporary ``.NAME.partial`` files an interrupted write left in ``folder``.
+
+    Args:
+        folder: A checkpoint folder (remote or missing folders are skipped).
+
+    Returns:
+        The paths removed.
+    """
+    if not _is_local(folder) or not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(_TEMPORARY_SUFFIX):
+            path = os.path.join(folder, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def _is_local(path: str) -> bool:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser, lazy_instance
+from jsonargparse import ArgumentParser, Namespace, lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_dino import __version__
 from lightning_dino.checkpointing import DINOCheckpoint
 from lightning_dino.data import MultiCropDataModule
+from lightning_dino.export import UnreadableCheckpointError, read_checkpoint
 from lightning_dino.module import DINO
+from lightning_dino.resume import ResumeError, hyperparameter_changes, structural_change_message
 
 # Tool name -> "module:function"; imported only when the tool runs.
 TOOLS: dict[str, str] = {
@@ -29,7 +32,53 @@ TOOLS: dict[str, str] = {
 
 
 class DINOCLI(LightningCLI):
-    """LightningCLI with DINO's defaults: TensorBoard logs, a checkpoint each epoch plus last."""
+    """LightningCLI with DINO's defaults: TensorBoard logs, a checkpoint each epoch plus last.
+
+    Resuming (``fit --ckpt_path FILE``) differs from LightningCLI's in one way: the checkpoint's
+    model hyperparameters fill in only what the configs and flags do not set, so
+    ``--ckpt_path RUN/last.ckpt --model.lr 0.001`` trains with the new lr (LightningCLI would
+    reload the checkpoint's over it). The module then warns once with every value that differs
+    from the checkpoint, and refuses, naming the key, a change of the networks' shape.
+    """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does, keeping the arguments to tell what the user set."""
+        self._given_args = args
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Fill unset model arguments from ``ckpt_path``'s hyperparameters; the user's win."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = dict(read_checkpoint(ckpt_path).get("hyper_parameters", {}))
+        saved.pop("_instantiator", None)
+        if not saved:
+            return
+        config = self.parser.parse_object({subcommand: {"model": saved}}, self.config)
+        given = self._explicit_model_arguments(subcommand)
+        if given:
+            config = self.parser.parse_object({subcommand: {"model": given}}, config)
+        changes = hyperparameter_changes(saved, config[subcommand].model.as_dict())
+        message = structural_change_message(changes, ckpt_path)
+        if message:  # before any data or network is built
+            raise ResumeError(message)
+        self.config = config
+
+    def _explicit_model_arguments(self, subcommand: str) -> dict[str, Any]:
+        """The model arguments set by the configs and flags (defaults left out)."""
+        args = self._given_args
+        if isinstance(args, dict | Namespace):
+            given = Namespace(args).get(f"{subcommand}.model") or Namespace(args).get("model")
+        else:
+            argv = sys.argv[1:] if args is None else list(args)
+            given = self.parser.parse_args(argv, defaults=False).get(f"{subcommand}.model")
+        if given is None:
+            return {}
+        return given.as_dict() if isinstance(given, Namespace) else dict(given)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the always-on checkpoint callback, configurable as ``--checkpoint.*``.
@@ -66,6 +115,9 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
         DINO,
         MultiCropDataModule,
         save_config_kwargs={"overwrite": True},
+        # The optimizer and its schedules are DINO's own (parameter groups, per-step lr and
+        # weight decay): no --optimizer / --lr_scheduler keys that would be ignored.
+        auto_configure_optimizers=False,
         parser_kwargs={"version": __version__},
         args=args,
         run=run,
@@ -122,4 +174,7 @@ def main(args: ArgsType = None) -> None:
         print(_overview())
         if not argv:
             return
-    train(args)
+    try:
+        train(args)
+    except (UnreadableCheckpointError, ResumeError) as error:
+        sys.exit(f"lightning-dino: error: {error}")

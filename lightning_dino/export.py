@@ -39,6 +39,7 @@ DINO releases publish.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,6 +165,10 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
     return model.eval()
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file given as a checkpoint that cannot be read as one (truncated, foreign, unsafe)."""
+
+
 def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint on the CPU without unpickling any code.
 
@@ -175,25 +180,50 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a checkpoint dictionary that ``weights_only`` loading accepts.
+        UnreadableCheckpointError: If the file is not a checkpoint that safe
+            (``weights_only``) loading reads, or holds no ``state_dict``.
     """
     path = Path(checkpoint)
     if not path.is_file():
         hint = " (it is a directory: pass the .ckpt file inside it)" if path.is_dir() else ""
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # pickle errors have no common base class
-        raise ValueError(
-            f"could not read {path} as a Lightning checkpoint with torch.load(weights_only=True): "
-            f"{err}"
-        ) from err
+        ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as err:  # pickle, zip and storage errors have no common base class
+        raise UnreadableCheckpointError(unreadable_checkpoint_message(path, err)) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
+        raise UnreadableCheckpointError(
             f"{path} is not a Lightning checkpoint (no 'state_dict' entry); found: {found}"
         )
     return ckpt
+
+
+def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str:
+    """Say why ``path`` could not be read as a checkpoint, and what to use instead.
+
+    Never advises turning safe loading off: a checkpoint this package wrote holds only tensors
+    and plain data.
+
+    Args:
+        path: The file.
+        error: What ``torch.load(weights_only=True)`` raised.
+
+    Returns:
+        A one-paragraph message naming the file.
+    """
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return (
+            f"{path} is not a readable checkpoint: it holds pickled Python objects, which safe "
+            "loading (weights_only=True) refuses to run. Checkpoints written by lightning-dino "
+            "hold only tensors and plain data: use one of those."
+        )
+    return (
+        f"{path} is not a readable checkpoint: the file is truncated or is not a PyTorch "
+        f"checkpoint ({type(error).__name__}). An interrupted write never replaces a good "
+        "checkpoint: use another file of the run's checkpoints folder (last.ckpt, "
+        "epoch=*.ckpt)."
+    )
 
 
 def backbone_state_dict(

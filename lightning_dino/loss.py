@@ -6,6 +6,8 @@ Eq. 3-4 and Algorithm 1; the official `DINOLoss` in facebookresearch/dino `main_
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -87,18 +89,34 @@ class DINOLoss(nn.Module):
             )
         if n_crops == 1:
             raise ValueError("the DINO loss needs at least 2 crops (no pair with v != t)")
+        with full_precision(student_out.device):
+            loss, teacher_raw = self._pairwise_cross_entropy(student_out, teacher_out, teacher_temp)
+            if self.training:
+                self.accumulate_center(teacher_raw)
+                if not self.defer_center_update:
+                    self.update_center()
+        return loss
+
+    def _pairwise_cross_entropy(
+        self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float
+    ) -> tuple[Tensor, Tensor]:
+        """The loss (fp32 scalar) and the raw fp32 teacher logits; see :meth:`forward`."""
+        n_global, n_crops = teacher_out.shape[0], student_out.shape[0]
         log_p_student = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
         teacher_raw = teacher_out.detach().float()
-        p_teacher = F.softmax((teacher_raw - self.center) / teacher_temp, dim=-1)
+        p_teacher = F.softmax((teacher_raw - self.center.float()) / teacher_temp, dim=-1)
         # ce[t, v] = batch mean of -sum_k p_t * log p_v for every (teacher view, student view).
         ce = -torch.einsum("tbk,vbk->tv", p_teacher, log_p_student) / student_out.shape[1]
         same_view = torch.eye(n_global, n_crops, dtype=torch.bool, device=ce.device)
         loss = ce.masked_fill(same_view, 0.0).sum() / (n_global * n_crops - n_global)
-        if self.training:
-            self.accumulate_center(teacher_raw)
-            if not self.defer_center_update:
-                self.update_center()
-        return loss
+        return loss, teacher_raw
+
+    @torch.no_grad()
+    def reset_center(self) -> None:
+        """Set the centre back to 0 and drop accumulated statistics (a new run starts)."""
+        self.center.zero_()
+        self._pending_sum.zero_()
+        self._pending_count.zero_()
 
     @torch.no_grad()
     def accumulate_center(self, teacher_out: Tensor) -> None:
@@ -129,3 +147,19 @@ class DINOLoss(nn.Module):
             )
         self._pending_sum.zero_()
         self._pending_count.zero_()
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Switch autocast off on ``device`` so the ops inside run in the dtype of their inputs.
+
+    Mixed precision (``bf16-mixed``, ``16-mixed``) autocasts matrix products such as the loss's
+    pairing ``einsum`` to 16 bits; every loss term and its statistics are computed inside this
+    context on fp32 inputs instead.
+
+    Args:
+        device: The device of the tensors (its type selects the autocast to disable).
+
+    Returns:
+        A context manager.
+    """
+    return torch.autocast(device_type=device.type, enabled=False)

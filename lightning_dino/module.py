@@ -14,10 +14,16 @@ from torch import Tensor, nn
 from lightning_dino.backbones import build_student_teacher, is_vit
 from lightning_dino.checkpointing import RandomStateCallback
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
-from lightning_dino.loss import DINOLoss
+from lightning_dino.loss import DINOLoss, full_precision
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.preflight import check_model_and_data, schedule_warnings
-from lightning_dino.schedules import cosine_schedule, teacher_temperature
+from lightning_dino.resume import (
+    ResumeError,
+    hyperparameter_changes,
+    settle_epoch_end,
+    structural_change_message,
+)
+from lightning_dino.schedules import StepScheduler, cosine_schedule, teacher_temperature
 from lightning_dino.teacher import TeacherEMA
 
 Batch = tuple[list[Tensor], Tensor] | list[Tensor]
@@ -178,6 +184,7 @@ class DINO(pl.LightningModule):
         self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
+        self._brought_callbacks: list[Callback] = []
         self.total_steps = 1
         self.steps_per_epoch = 1
         self.peak_lr = lr
@@ -193,12 +200,18 @@ class DINO(pl.LightningModule):
         """
         if self._trainer is not None:
             check_model_and_data(self, self.trainer)
-        ema = TeacherEMA(self.hparams.momentum_teacher, self.hparams.momentum_teacher_end)
-        callbacks: list[Callback] = [ema, RandomStateCallback()]
-        present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        callbacks: list[Callback] = [
+            TeacherEMA(self.hparams.momentum_teacher, self.hparams.momentum_teacher_end),
+            RandomStateCallback(),
+        ]
+        present = list(self.trainer.callbacks) if self._trainer is not None else []
+        # A second fit on the same Trainer still holds the ones brought the first time.
+        kept = [c for c in present if any(c is mine for mine in self._brought_callbacks)]
+        callbacks = [c for c in callbacks if type(c) not in {type(k) for k in kept}]
         for default in (CollapseMonitor, ThroughputLogger, CropGridLogger):
-            if not any(issubclass(kind, default) for kind in present):
+            if not any(isinstance(c, default) for c in present):
                 callbacks.append(default())
+        self._brought_callbacks = [*kept, *callbacks]
         return callbacks
 
     def forward(self, images: Tensor) -> Tensor:
@@ -215,8 +228,16 @@ class DINO(pl.LightningModule):
     # Schedules -----------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        """Fix the run length and the peak learning rate the per-step schedules use."""
+        """Fix the run length and the peak learning rate the per-step schedules use.
+
+        The run is the Trainer's: a Trainer that resumes (``ckpt_path``) or fits again after
+        ``max_epochs`` was raised continues its step count, and every schedule continues from
+        that step over the new run length. A Trainer at step 0 starts a new run from the
+        module's current student and teacher: schedules from step 0 and the centre reset to 0.
+        """
         trainer = self.trainer
+        if trainer.global_step == 0:
+            self.loss.reset_center()
         self.total_steps = int(trainer.estimated_stepping_batches)
         batches = trainer.num_training_batches
         accumulate = trainer.accumulate_grad_batches
@@ -228,6 +249,37 @@ class DINO(pl.LightningModule):
         self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
         for message in schedule_warnings(self):
             rank_zero_warn(message)
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, StepScheduler):
+            scheduler.sync(self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check a checkpoint against this module before Lightning loads it, and settle it.
+
+        * A checkpoint whose network-shaping hyperparameters (backbone, head sizes...) differ
+          from this module's fails here, naming the keys, instead of in ``load_state_dict``.
+        * Other differences are what the command line changed on resume (a new lr, a longer
+          run): this module's values win, and one warning lists them.
+        * An end-of-epoch checkpoint's loop state is rewritten so that resuming it continues
+          exactly with ``max_steps`` too (see :func:`~lightning_dino.resume.settle_epoch_end`).
+
+        Raises:
+            ResumeError: If the checkpoint's networks have another shape than this module's.
+        """
+        if self._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
+            return
+        path = str(self.trainer.ckpt_path)
+        changes = hyperparameter_changes(checkpoint.get("hyper_parameters", {}), self.hparams)
+        message = structural_change_message(changes, path)
+        if message:
+            raise ResumeError(message)
+        if changes:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            rank_zero_warn(
+                f"resuming from {path} with hyperparameters that differ from the checkpoint's "
+                f"(this run's values are used): {listed}"
+            )
+        settle_epoch_end(checkpoint)
 
     def learning_rate(self, step: int) -> float:
         """Learning rate at optimizer step ``step``: linear warmup, then cosine to ``min_lr``."""
@@ -263,25 +315,24 @@ class DINO(pl.LightningModule):
 
     # Optimisation --------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or SGD) over the student only, with decay / no-decay parameter groups.
 
-        Learning rate and weight decay are set from the schedules at every step, so the
-        optimizer is built with placeholders.
+        The learning-rate and weight-decay schedules come as a :class:`StepScheduler` that
+        Lightning steps after every optimizer step (``LearningRateMonitor`` logs what each step
+        used); :meth:`on_train_start` sets them for the step the run starts at.
         """
         groups = parameter_groups(self.student)
         if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-        fused = self.device.type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=0.0, fused=fused)
-
-    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        """Set this step's learning rate and weight decay on the optimizer."""
-        step = self.global_step
-        lr, wd = self.learning_rate(step), self.weight_decay(step)
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd if group.get("name") == "decay" else 0.0
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        else:
+            fused = self.device.type in ("cuda", "cpu")
+            optimizer = torch.optim.AdamW(groups, lr=0.0, fused=fused)
+        scheduler = StepScheduler(optimizer, self.learning_rate, self.weight_decay)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Per-tensor clip of unscaled gradients, last-layer freeze, centre."""
@@ -319,6 +370,11 @@ class DINO(pl.LightningModule):
             )
         batch_size = crops[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        # The epoch mean, for ModelCheckpoint / EarlyStopping (train/loss is each step's value).
+        self.log(
+            "train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch_size,
+            sync_dist=True,
+        )
         if not self._writes_logs_this_step():
             # The CollapseMonitor needs the entropy ratio every step; the rest only feeds the logs.
             ratio = teacher_entropy_ratio(teacher_out, self.loss.center, temp)
@@ -361,8 +417,9 @@ def teacher_entropy_ratio(teacher_out: Tensor, center: Tensor, teacher_temp: flo
     Returns:
         Scalar float32 tensor: mean entropy of ``softmax((t - center) / teacher_temp)`` over ln K.
     """
-    log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1).mean()
+    with full_precision(teacher_out.device):
+        log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(dim=-1).mean()
     return entropy / math.log(teacher_out.shape[-1])
 
 

@@ -1,5 +1,8 @@
 """Stateless schedules: each value is a pure function of the step (or epoch) counter.
 
+:class:`StepScheduler` applies two of them (learning rate, weight decay) to an optimizer, as
+the scheduler object Lightning steps after every optimizer step.
+
 They reproduce `cosine_scheduler` and the teacher-temperature schedule of facebookresearch/dino
 (`utils.py`, `main_dino.py`) value for value, so resuming from a checkpoint continues them exactly.
 """
@@ -7,6 +10,11 @@ They reproduce `cosine_scheduler` and the teacher-temperature schedule of facebo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 
 def cosine_schedule(
@@ -68,3 +76,69 @@ def teacher_temperature(
     if warmup_epochs == 1:
         return warmup_temp
     return warmup_temp + (teacher_temp - warmup_temp) * epoch / (warmup_epochs - 1)
+
+
+class StepScheduler(LRScheduler):
+    """Sets each optimizer step's learning rate and weight decay from two step functions.
+
+    Return it from ``configure_optimizers`` with ``"interval": "step"``: Lightning steps it after
+    every optimizer step, so the optimizer holds the values of step ``s`` while step ``s`` runs
+    and ``LearningRateMonitor`` logs the learning rate each step actually used. The values stay
+    pure functions of the step: :meth:`sync` sets them for any step (after a resume, or after a
+    change of the run length), and the saved state is only the step counter.
+
+    Args:
+        optimizer: The optimizer; groups named ``"decay"`` get the weight decay, others 0.
+        lr_at: Learning rate of a zero-based optimizer step.
+        weight_decay_at: Weight decay of a zero-based optimizer step.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_at: Callable[[int], float],
+        weight_decay_at: Callable[[int], float],
+    ) -> None:
+        self.lr_at = lr_at
+        self.weight_decay_at = weight_decay_at
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        """The learning rate of step ``last_epoch`` for every parameter group."""
+        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
+
+    def step(self, epoch: int | None = None) -> None:
+        """Move to the next step and set its learning rate and weight decay."""
+        super().step(epoch)
+        self._set_weight_decay()
+
+    def sync(self, step: int) -> None:
+        """Set the values of ``step`` now, whatever the scheduler's own counter says.
+
+        Args:
+            step: The zero-based optimizer step about to run (``trainer.global_step``).
+        """
+        self.last_epoch = step
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+        self._set_weight_decay()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter (the step functions belong to the module, not the checkpoint)."""
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step counter.
+
+        Args:
+            state_dict: A :meth:`state_dict`.
+        """
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict["_step_count"]
+
+    def _set_weight_decay(self) -> None:
+        wd = self.weight_decay_at(self.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = wd if group.get("name") == "decay" else 0.0

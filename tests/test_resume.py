@@ -2,6 +2,7 @@
 an uninterrupted run ends; the sampler and the atomic checkpoint writer on their own."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +18,19 @@ ROOT = Path(__file__).parents[1]
 CONF = Path(__file__).parent / "conf"
 PROBES = "tests.scripts.probes"
 
-# 16 synthetic images, batch 4: 4 steps per epoch, 8 in all. Every schedule moves: lr warmup over
+# 16 synthetic images, batch 4: 4 steps per epoch, 12 in all. Every schedule moves: lr warmup over
 # epoch 0 then cosine, weight decay, teacher momentum, teacher temperature per epoch, last layer
-# frozen in epoch 0, stochastic depth 0.1 and random augmentation.
+# frozen in epoch 0, stochastic depth 0.1 and random augmentation. last.ckpt is refreshed every 3
+# steps (3, 6, 9) besides the epoch-end checkpoints (4, 8, 12).
 RUN = [
     "fit", "--config", str(CONF / "tiny_vit.yaml"), "--seed_everything=0",
-    "--data.synthetic_size=16", "--data.batch_size=4", "--trainer.max_epochs=2",
-    "--trainer.log_every_n_steps=1",
+    "--data.synthetic_size=16", "--data.batch_size=4", "--trainer.max_epochs=3",
+    "--trainer.log_every_n_steps=1", "--model.lr=0.2", "--model.momentum_teacher=0.9",
     "--model.warmup_epochs=1", "--model.warmup_teacher_temp=0.02", "--model.teacher_temp=0.05",
     "--model.warmup_teacher_temp_epochs=2", "--model.drop_path_rate=0.1",
     "--checkpoint.last_every_n_train_steps=3",
 ]
+STEPS = 12
 
 
 def start(args, cwd):
@@ -46,40 +49,105 @@ def dump(out_dir):
     return [f"--trainer.callbacks+={PROBES}.DumpState", f"--trainer.callbacks.out_dir={out_dir}"]
 
 
+def probe(name, **kwargs):
+    return [f"--trainer.callbacks+={PROBES}.{name}", *(f"--trainer.callbacks.{k}={v}" for k, v in kwargs.items())]
+
+
+def checkpoints_of(run_dir, version=0):
+    return run_dir / "runs" / "dino" / f"version_{version}" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the whole 12-step run, its per-step rows and final state (and its epoch files)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    finish(start([*RUN, *dump(run_dir / "out")], cwd=run_dir))
+    return run_dir, torch.load(run_dir / "out" / "rank0.pt", weights_only=True)
+
+
+def assert_resumed_run_equals(got, want, first_step, checkpoint):
+    """The resumed run made steps first_step..12 on the same images, with the same crops and losses,
+    and ends with the same student, teacher and centre, to the bit.
+
+    Exact equality is the only tolerance: both runs execute the same float operations in the same
+    order on one CPU thread layout, so any difference (a replayed or skipped batch, another random
+    crop, a schedule off by a step, a missed EMA update) shows. The comparison is not trivially
+    true: between the checkpoint and the end the teacher, the student and the centre move (checked
+    below to be orders of magnitude above float rounding)."""
+    assert got["global_step"] == want["global_step"] == STEPS
+    assert [row["step"] for row in got["rows"]] == list(range(first_step, STEPS + 1))
+    for got_row, want_row in zip(got["rows"], want["rows"][first_step - 1:], strict=True):
+        assert torch.equal(got_row["labels"], want_row["labels"]), got_row["step"]
+        assert torch.equal(got_row["crop_sums"], want_row["crop_sums"]), got_row["step"]
+        assert torch.equal(got_row["loss"], want_row["loss"]), got_row["step"]
+    for key in ("student", "teacher"):
+        for name, value in want[key].items():
+            assert torch.equal(got[key][name], value), f"{key}.{name}"
+    assert torch.equal(got["center"], want["center"])
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    teacher_moved = max((want["teacher"][n] - saved[f"teacher.{n}"]).abs().max().item()
+                        for n in want["teacher"] if want["teacher"][n].is_floating_point())
+    center_moved = (want["center"] - saved["loss.center"]).abs().max().item()
+    assert teacher_moved > 1e-4 and center_moved > 1e-4, (teacher_moved, center_moved)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    uninterrupted = start([*RUN, *dump(straight / "out")], cwd=straight)
-    # Killed when the batch after step 6 starts: epoch 1, 2 of 4 batches done; last.ckpt is step 6.
-    crash = start([*RUN, f"--trainer.callbacks+={PROBES}.KillAtStep", "--trainer.callbacks.step=6"], cwd=killed)
-    finish(uninterrupted)
-    finish(crash, returncode=-9)
-    checkpoints = killed / "runs" / "dino" / "version_0" / "checkpoints"
+def test_sigkill_between_checkpoints_then_resume_replays_and_matches(uninterrupted, tmp_path):
+    _, want = uninterrupted
+    # Killed when the batch after step 7 starts: last.ckpt is step 6, so step 7 is lost and replayed.
+    finish(start([*RUN, *probe("KillAtStep", step=7)], cwd=tmp_path), returncode=-9)
+    checkpoints = checkpoints_of(tmp_path)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert (last["global_step"], last["epoch"]) == (6, 1)
     assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["start"] == 2 * 4
+    # A torn temporary file from a write that was killed is removed by the next start.
+    (checkpoints / ".last.ckpt.partial").write_bytes(b"torn")
 
     # A resumed run logs to version_1; `--ckpt_path last` still finds version_0's last.ckpt.
-    resumed = finish(start([*RUN, *dump(killed / "out"), "--ckpt_path", "last"], cwd=killed))
+    resumed = finish(start([*RUN, *dump(tmp_path / "out"), "--ckpt_path", "last"], cwd=tmp_path))
     assert "not resumable" not in resumed
-    assert (killed / "runs" / "dino" / "version_1" / "checkpoints" / "epoch=1-step=8.ckpt").exists()
+    assert not (checkpoints / ".last.ckpt.partial").exists()
+    assert (checkpoints_of(tmp_path, 1) / "epoch=2-step=12.ckpt").exists()
+    got = torch.load(tmp_path / "out" / "rank0.pt", weights_only=True)
+    assert_resumed_run_equals(got, want, first_step=7, checkpoint=checkpoints / "last.ckpt")
 
-    want = torch.load(straight / "out" / "rank0.pt", weights_only=True)
-    got = torch.load(killed / "out" / "rank0.pt", weights_only=True)
-    assert got["global_step"] == want["global_step"] == 8
-    # The resumed run made steps 7 and 8 on the same images with the same crops and losses...
-    assert [row["step"] for row in got["rows"]] == [7, 8]
-    for got_row, want_row in zip(got["rows"], want["rows"][-2:], strict=True):
-        assert torch.equal(got_row["labels"], want_row["labels"])
-        torch.testing.assert_close(got_row["crop_sums"], want_row["crop_sums"])
-        torch.testing.assert_close(got_row["loss"], want_row["loss"])
-    # ... and ends with the same student, teacher and centre.
-    torch.testing.assert_close(got["student"], want["student"])
-    torch.testing.assert_close(got["teacher"], want["teacher"])
-    torch.testing.assert_close(got["center"], want["center"])
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("signum", "at_step", "saved_step"), [
+    (signal.SIGTERM, 5, 6),  # mid-epoch: last.ckpt at the step that was running
+    (signal.SIGINT, 7, 8),  # during an epoch's last step: the epoch-end files are written first
+])
+def test_signal_saves_the_current_step_exits_nonzero_and_resumes_exactly(uninterrupted, tmp_path, signum, at_step,
+                                                                         saved_step):
+    _, want = uninterrupted
+    stderr = finish(start([*RUN, *probe("SignalAtStep", step=at_step, signum=int(signum))], cwd=tmp_path),
+                    returncode=128 + signum)
+    checkpoints = checkpoints_of(tmp_path)
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == saved_step
+    assert f"{signal.Signals(signum).name} received: saved" in stderr
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+    if saved_step % 4 == 0:
+        assert (checkpoints / f"epoch={saved_step // 4 - 1}-step={saved_step}.ckpt").exists()
+
+    finish(start([*RUN, *dump(tmp_path / "out"), "--ckpt_path", "last"], cwd=tmp_path))
+    got = torch.load(tmp_path / "out" / "rank0.pt", weights_only=True)
+    assert_resumed_run_equals(got, want, first_step=saved_step + 1, checkpoint=checkpoints / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("length", [["--trainer.max_epochs=3"], ["--trainer.max_epochs=-1", f"--trainer.max_steps={STEPS}"]],
+                         ids=["max_epochs", "max_steps"])
+def test_resume_from_an_epoch_checkpoint_matches(uninterrupted, tmp_path, length):
+    straight, want = uninterrupted
+    epoch_file = checkpoints_of(straight) / "epoch=0-step=4.ckpt"
+    finish(start([*RUN, *length, *dump(tmp_path / "out"), "--ckpt_path", str(epoch_file)], cwd=tmp_path))
+    got = torch.load(tmp_path / "out" / "rank0.pt", weights_only=True)
+    assert_resumed_run_equals(got, want, first_step=5, checkpoint=epoch_file)
 
 
 def test_sampler_resumes_mid_epoch_and_shards_like_one_big_batch():

@@ -89,10 +89,12 @@ def test_loading_a_checkpoint_never_runs_its_code(booby_trapped, monkeypatch, tm
     monkeypatch.setattr(sys, "argv", ["lightning-dino"])
     with pytest.raises(pickle.UnpicklingError):
         DINO.load_from_checkpoint(path)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match="refuses to run") as error:
         read_checkpoint(path)  # lightning-dino export / embed / knn ...
-    with pytest.raises(pickle.UnpicklingError):
+    assert "weights_only=False" not in str(error.value)  # never the advice to unpickle code
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--ckpt_path", str(path)])
+    assert f"{path} is not a readable checkpoint" in str(exit_info.value.code)
     with pytest.raises(pickle.UnpicklingError):
         make_trainer(max_steps=1).fit(DINO(**TINY_VIT), CropData(), ckpt_path=path)
     assert not marker.exists()

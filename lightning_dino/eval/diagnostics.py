@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_dino.loss import full_precision
+
 UNIFORM_ADVICE = (
     "the teacher output is near-uniform (entropy ratio {ratio:.3f} > {threshold} for {steps} "
     "steps; the loss sits near ln K): lower the teacher temperature or warm it up from 0.04 "
@@ -69,6 +71,17 @@ def collapse_statistics(
         >>> round(stats["teacher_entropy_ratio"].item(), 4)
         1.0
     """
+    with full_precision(teacher_out.device):
+        return _collapse_statistics(student_out, teacher_out, center, student_temp, teacher_temp)
+
+
+def _collapse_statistics(
+    student_out: Tensor,
+    teacher_out: Tensor,
+    center: Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> dict[str, Tensor]:
     n_global, num_out = teacher_out.shape[0], teacher_out.shape[-1]
     teacher_log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
     student_log_p = (student_out.float() / student_temp).log_softmax(dim=-1)

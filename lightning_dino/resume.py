@@ -1,0 +1,131 @@
+"""Resuming a run: what a checkpoint may change, and end-of-epoch checkpoints that resume exactly.
+
+Used by :meth:`lightning_dino.DINO.on_load_checkpoint`, which Lightning calls with the loaded
+checkpoint before it loads the weights and the loop state, so both functions here see (and may
+fix) the checkpoint before anything of it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed by this model (its networks have another shape)."""
+
+
+# Hyperparameters that decide the shapes or the meaning of the saved weights: a checkpoint
+# written with other values cannot be loaded into this model.
+STRUCTURAL_KEYS = (
+    "backbone",
+    "backbone_kwargs",
+    "feature_grid",
+    "out_dim",
+    "hidden_dim",
+    "bottleneck_dim",
+    "n_head_layers",
+    "use_bn_in_head",
+    "norm_last_layer",
+)
+
+
+def hyperparameter_changes(
+    saved: Mapping[str, Any], current: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """Hyperparameters whose value differs between a checkpoint and the module resuming from it.
+
+    Args:
+        saved: ``checkpoint["hyper_parameters"]``.
+        current: The resuming module's ``hparams``.
+
+    Returns:
+        ``{key: (checkpoint value, current value)}`` for every key present in both that differs,
+        in the order of ``current``.
+    """
+    return {
+        key: (saved[key], value)
+        for key, value in current.items()
+        if key in saved and not _same(saved[key], value)
+    }
+
+
+def structural_change_message(changes: Mapping[str, tuple[Any, Any]], path: str) -> str | None:
+    """The error for changes that make a checkpoint unloadable, or None when there are none.
+
+    Args:
+        changes: The output of :func:`hyperparameter_changes`.
+        path: The checkpoint's file name, for the message.
+
+    Returns:
+        A message naming every structural key that changed and the way out, or None.
+    """
+    bad = [key for key in STRUCTURAL_KEYS if key in changes]
+    if not bad:
+        return None
+    listed = ", ".join(
+        f"--model.{key} {changes[key][1]!r} (checkpoint: {changes[key][0]!r})" for key in bad
+    )
+    return (
+        f"cannot resume from {path}: {listed} changes the shape of the saved networks. Resume "
+        "with the run's own values (its config.yaml), or start a new run from the exported "
+        "weights instead of --ckpt_path."
+    )
+
+
+def settle_epoch_end(checkpoint: dict[str, Any]) -> bool:
+    """Turn an end-of-epoch checkpoint's loop state into "epoch done, the next not started".
+
+    A checkpoint written in ``on_train_epoch_end`` (``epoch=E-step=S.ckpt`` and the ``last.ckpt``
+    of that moment) records epoch ``E`` as processed but not completed. Lightning resumes that
+    state exactly when training is bounded by ``max_epochs``, but with ``max_steps`` it re-enters
+    epoch ``E``: one more batch is counted in it and epoch ``E + 1`` restarts from its beginning
+    (the data order and every later step then differ from the uninterrupted run). Marking epoch
+    ``E`` completed and resetting the per-epoch counters, as Lightning does itself when an epoch
+    ends, makes both cases start epoch ``E + 1`` at its first batch.
+
+    Args:
+        checkpoint: A loaded Lightning checkpoint, changed in place.
+
+    Returns:
+        Whether the loop state was an end-of-epoch state (and was changed).
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop:
+        return False
+    epochs = fit_loop["epoch_progress"]
+    batches = fit_loop["epoch_loop.batch_progress"]
+    current = epochs["current"]
+    at_epoch_end = (
+        current["ready"] == current["started"] == current["processed"] == current["completed"] + 1
+        and batches["is_last_batch"]
+        and batches["current"]["completed"] == batches["current"]["ready"]
+    )
+    if not at_epoch_end:
+        return False
+    epochs["current"]["completed"] += 1
+    epochs["total"]["completed"] += 1
+    _zero(batches["current"])
+    batches["is_last_batch"] = False
+    _zero(fit_loop["epoch_loop.scheduler_progress"]["current"])
+    optimizer = fit_loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    for tracker in optimizer.values():
+        _zero(tracker["current"])
+    val_batches = fit_loop.get("epoch_loop.val_loop.batch_progress")
+    if val_batches:
+        _zero(val_batches["total"])
+    return True
+
+
+def _zero(counters: dict[str, int]) -> None:
+    for key in counters:
+        counters[key] = 0
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that treats a tuple and a list with the same items (a YAML round trip) as equal."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
