@@ -3,6 +3,7 @@ an uninterrupted run ends; the sampler and the atomic checkpoint writer on their
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,21 @@ def test_checkpoint_replace_is_atomic_and_keeps_the_old_file_until_the_new_one_i
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(ValueError, match="last_every_n_train_steps"):
         DINOCheckpoint(last_every_n_train_steps=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    # 32 images, 2 ranks x batch 4: 4 steps per epoch. Only rank 1 gets SIGTERM, during step 2.
+    ddp = [*RUN, "--data.synthetic_size=32", "--trainer.strategy=ddp", "--trainer.devices=2",
+           "--checkpoint.dirpath=checkpoints", "--trainer.logger=false"]
+    stderr = finish(start([*ddp, *probe("SignalAtStep", step=1, rank=1)], cwd=tmp_path), returncode=143)
+    assert "SIGTERM received: saved" in stderr
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2  # both ranks finished step 2 and saved it together
+    assert len(last["callbacks"]["RandomStateCallback"]["ranks"]) == 2

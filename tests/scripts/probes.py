@@ -51,3 +51,31 @@ class KillAtStep(Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
+
+class SignalAtStep(Callback):
+    """Send ``signum`` (SIGTERM by default) to this process when the batch after optimizer step
+    ``step`` starts: the signal arrives in the middle of step ``step + 1``. With ``rank`` only that
+    process signals itself (a scheduler that signals one rank of a distributed run)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int | None = None):
+        self.step = step
+        self.signum = signum
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+
+class DumpStateFromStart(DumpState):
+    """:class:`DumpState` that also writes, when training starts, this rank's student, teacher
+    and centre to ``out_dir/start_rank{R}.pt``, so tests can compare how far a run moved them."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "student": {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
+            "teacher": {k: v.detach().clone() for k, v in pl_module.teacher.state_dict().items()},
+            "center": pl_module.loss.center.detach().clone(),
+        }
+        torch.save(state, self.out_dir / f"start_rank{trainer.global_rank}.pt")
