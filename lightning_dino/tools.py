@@ -12,9 +12,8 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from PIL import Image
 
-from lightning_dino.data import EvalTransform, MultiCropDataModule
+from lightning_dino.data import EvalTransform, MultiCropDataModule, load_image
 from lightning_dino.embed import embed_images
 from lightning_dino.eval.attention import attention_maps, check_vit, save_attention_png
 from lightning_dino.eval.knn import extract_features, knn_accuracy
@@ -229,7 +228,7 @@ def attention(
     size = image_size or preprocessing["size"] or 224
     size = max(patch, size // patch * patch)
     transform = EvalTransform(size=size, resize=size, mean=mean, std=std)
-    tensor = transform(Image.open(image))
+    tensor = transform(load_image(image))
     with torch.no_grad():
         maps = attention_maps(vit, tensor.unsqueeze(0), threshold=threshold)[0]
     path = save_attention_png(tensor, maps, out, mean=mean, std=std)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -29,9 +29,10 @@ from lightning_dino.data.transforms import to_rgb_uint8_tensor
 UNLABELED = -1
 """Label of images that have none (flat folders, STL-10's unlabeled split)."""
 
-IMG_EXTENSIONS: tuple[str, ...] = (
+_COMMON_EXTENSIONS = (
     ".jpg",
     ".jpeg",
+    ".jfif",
     ".png",
     ".bmp",
     ".gif",
@@ -41,6 +42,13 @@ IMG_EXTENSIONS: tuple[str, ...] = (
     ".ppm",
     ".pgm",
 )
+# Formats only some Pillow builds read (AVIF from Pillow 11.2, HEIC/HEIF with pillow-heif).
+_OPTIONAL_EXTENSIONS = (".avif", ".heic", ".heif", ".jxl")
+
+IMG_EXTENSIONS: tuple[str, ...] = _COMMON_EXTENSIONS + tuple(
+    ext for ext in _OPTIONAL_EXTENSIONS if ext in Image.registered_extensions()
+)
+"""Extensions read as images: the common ones, and AVIF / HEIC / JPEG XL where Pillow reads them."""
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs the idx files."""
@@ -218,14 +226,16 @@ def find_image_files(
             "(root/img.jpg) or with one subfolder per class (root/<class>/img.jpg)"
         )
     accepted = tuple(ext.lower() for ext in extensions)
+    scan = _Scan(root, accepted)
     found: list[tuple[str, str | None]] = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            found += [(path, entry.name) for path in _walk_images(entry.path, accepted)]
-        elif entry.name.lower().endswith(accepted):
+            found += [(path, entry.name) for path in scan.walk(entry.path)]
+        elif scan.accepts(entry.path):
             found.append((entry.path, None))
+    scan.report()
     if not found:
         raise FileNotFoundError(
             f"no image files found under {root}; expected files with one of the extensions "
@@ -234,13 +244,83 @@ def find_image_files(
     return found
 
 
-def _walk_images(top: str, extensions: tuple[str, ...]) -> Iterator[str]:
-    """Yield image paths under ``top`` in sorted order, skipping hidden entries."""
-    for directory, subdirs, files in os.walk(top, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(extensions):
-                yield os.path.join(directory, name)
+class _Scan:
+    """One walk of an image folder: which files it takes, which it ignores, where links lead.
+
+    Directory symbolic links are followed, but a directory is entered once whatever the path
+    that reaches it (a link back to a parent would otherwise repeat every image under it, over
+    and over), and links that lead out of the folder are reported.
+    """
+
+    def __init__(self, root: Path, accepted: tuple[str, ...]) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.accepted = accepted
+        self.ignored: dict[str, list[str]] = {}
+        self.outside: list[tuple[str, str]] = []
+        self.repeated: list[tuple[str, str]] = []
+        self._visited: dict[str, str] = {self.real_root: str(root)}
+
+    def accepts(self, path: str) -> bool:
+        """Whether ``path`` has an image extension (remembering it among the ignored if not)."""
+        if path.lower().endswith(self.accepted):
+            return True
+        suffix = os.path.splitext(path)[1].lower() or "(no extension)"
+        self.ignored.setdefault(suffix, []).append(path)
+        return False
+
+    def walk(self, top: str) -> Iterator[str]:
+        """Yield the image paths under ``top`` in sorted order, skipping hidden entries."""
+        if not self._enter(top):
+            return
+        for directory, subdirs, files in os.walk(top, followlinks=True):
+            subdirs[:] = [
+                d
+                for d in sorted(subdirs)
+                if not d.startswith(".") and self._enter(os.path.join(directory, d))
+            ]
+            for name in sorted(files):
+                if not name.startswith(".") and self.accepts(os.path.join(directory, name)):
+                    yield os.path.join(directory, name)
+
+    def _enter(self, directory: str) -> bool:
+        real = os.path.realpath(directory)
+        if real in self._visited:
+            self.repeated.append((directory, self._visited[real]))
+            return False
+        self._visited[real] = directory
+        if os.path.islink(directory) and os.path.commonpath([real, self.real_root]) != (
+            self.real_root
+        ):
+            self.outside.append((directory, real))
+        return True
+
+    def report(self) -> None:
+        """Warn once about ignored files, repeated directories and links leaving the folder."""
+        if self.ignored:
+            ignored = sorted(self.ignored.items())
+            counts = ", ".join(f"{ext} ({len(paths)})" for ext, paths in ignored)
+            examples = [path for paths in self.ignored.values() for path in paths][:3]
+            warnings.warn(
+                f"ignored {sum(map(len, self.ignored.values()))} file(s) under {self.root} whose "
+                f"extension is not an image extension: {counts}; e.g. {', '.join(examples)}. "
+                f"Images are read from files ending in {', '.join(self.accepted)}.",
+                stacklevel=4,
+            )
+        if self.repeated:
+            pairs = "; ".join(f"{link} (= {first})" for link, first in self.repeated[:5])
+            warnings.warn(
+                f"{len(self.repeated)} folder(s) under {self.root} are links to folders already "
+                f"read (a link loop or a second link to one folder), read once: {pairs}",
+                stacklevel=4,
+            )
+        if self.outside:
+            pairs = "; ".join(f"{link} -> {real}" for link, real in self.outside[:5])
+            warnings.warn(
+                f"{len(self.outside)} folder link(s) under {self.root} lead outside it and were "
+                f"followed: {pairs}",
+                stacklevel=4,
+            )
 
 
 def _check_known_classes(root: Path, folders: list[str], class_to_idx: Mapping[str, int]) -> None:
@@ -311,7 +391,10 @@ def _jpeg_looks_truncated(path: str) -> bool:
 
 
 def load_image(path: str | os.PathLike[str]) -> Tensor:
-    """Decode an image file of any PIL mode to RGB.
+    """Decode an image file of any PIL mode to RGB, upright.
+
+    The EXIF orientation tag (set by phone cameras, which store the pixels as the sensor saw
+    them) is applied, so the image is the way photo viewers show it.
 
     Args:
         path: Image file path.
@@ -323,7 +406,7 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
     """
     with Image.open(path) as image:
         image.load()
-        return to_rgb_uint8_tensor(image)
+        return to_rgb_uint8_tensor(ImageOps.exif_transpose(image))
 
 
 class TensorImageDataset(Dataset):

@@ -44,9 +44,12 @@ def test_flat_folder_case_insensitive_extensions_and_ignored_files(tmp_path, wri
     (tmp_path / "image.jpg.bak").write_bytes(b"x")
     write_image(tmp_path / ".hidden.png")
     (tmp_path / "._a.JPG").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         dataset = ImageFolderDataset(tmp_path)
+    # Files skipped for their extension are listed once (hidden files are not counted).
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert "ignored 2 file(s)" in str(caught[0].message) and ".bak (1), .txt (1)" in str(caught[0].message)
     assert names(dataset) == [
         "a.JPG",
         "b.png",
@@ -93,7 +96,7 @@ def test_missing_empty_and_non_directory_roots_are_named(tmp_path, write_image):
         ImageFolderDataset(tmp_path)
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "sub").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"\.jpg, \.jpeg, \.png"):
+    with pytest.raises(FileNotFoundError, match=r"\.jpg, \.jpeg, \.jfif, \.png"):
         ImageFolderDataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         ImageFolderDataset(write_image(tmp_path / "file.png"))
