@@ -1,11 +1,14 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_dino import cli as cli_module
 from lightning_dino.cli import main
 
 CONF = Path(__file__).parent / "conf"
@@ -17,10 +20,40 @@ def _bare_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-dino"])
 
 
+@pytest.fixture
+def built(monkeypatch):
+    """The LightningCLI objects that `main` builds (it returns nothing), to inspect their runs."""
+    clis = []
+    real_train = cli_module.train
+
+    def recording_train(*args, **kwargs):
+        clis.append(real_train(*args, **kwargs))
+        return clis[-1]
+
+    monkeypatch.setattr(cli_module, "train", recording_train)
+    return clis
+
+
+def assert_one_training_step(cli):
+    """fast_dev_run took exactly one optimizer step: the student left its teacher copy."""
+    trainer, model = cli.trainer, cli.model
+    assert trainer.state.status.value == "finished" and trainer.global_step == 1
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    # Student and teacher start identical; after one step (no lr warmup in the tiny configs) the
+    # student moved, and the teacher (momentum 0.996) only 0.4% of the way towards it.
+    gaps = [(s - t).abs().max().item() for s, t in zip(model.student.parameters(), model.teacher.parameters(),
+                                                       strict=True)]
+    assert max(gaps) > 1e-6
+
+
 @pytest.mark.parametrize("config", ["tiny_vit.yaml", "tiny_resnet.yaml"])
-def test_fit_fast_dev_run(config, tmp_path, monkeypatch):
+def test_fit_fast_dev_run(config, tmp_path, monkeypatch, built):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONF / config), "--trainer.fast_dev_run=true"])
+    [cli] = built
+    assert cli.model.hparams.backbone == ("vit_tiny_patch16_224" if "vit" in config else "test_resnet")
+    assert_one_training_step(cli)
+    assert not (tmp_path / "runs").exists()  # fast_dev_run writes no logs or checkpoints
 
 
 def test_fit_writes_tensorboard_and_checkpoints_each_epoch(tmp_path, monkeypatch):
@@ -47,7 +80,7 @@ def test_fit_writes_tensorboard_and_checkpoints_each_epoch(tmp_path, monkeypatch
     assert {"train/crops", "attention/maps"} <= set(events.Tags()["images"])
 
 
-def test_print_config_parses_back(tmp_path, monkeypatch, capsys):
+def test_print_config_parses_back(tmp_path, monkeypatch, capsys, built):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--print_config"])
@@ -59,13 +92,29 @@ def test_print_config_parses_back(tmp_path, monkeypatch, capsys):
     assert config["data"]["batch_size"] == 8
     (tmp_path / "printed.yaml").write_text(printed)
     main(["fit", "--config", str(tmp_path / "printed.yaml"), "--trainer.fast_dev_run=true"])
+    [cli] = built
+    assert cli.model.hparams.out_dim == 64 and cli.datamodule.hparams.batch_size == 8
+    assert_one_training_step(cli)
 
 
 def test_python_m_and_console_script_help():
-    for cmd in ([sys.executable, "-m", "lightning_dino", "--help"],
-                [str(Path(sys.executable).parent / "lightning-dino"), "fit", "--help"]):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-        assert "--model.teacher_temp" in out or "fit" in out
+    def run(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+
+    # The overview: the training subcommand and every tool, one per line with its description,
+    # but not the (2000-line) list of fit's keys.
+    overview = run(sys.executable, "-m", "lightning_dino", "--help")
+    assert overview.startswith("lightning-dino ")
+    for command in ("fit", *cli_module.TOOLS):
+        assert re.search(rf"^  {command} +\S", overview, re.MULTILINE), f"{command} missing from the overview"
+    assert "--model.teacher_temp" not in overview
+    # fit's own help, from the console script: the model, data and trainer keys.
+    fit_help = run(str(Path(sys.executable).parent / "lightning-dino"), "fit", "--help")
+    assert fit_help.startswith("usage: lightning-dino [options] fit")
+    for key in ("--model.teacher_temp TEACHER_TEMP", "--model.momentum_teacher", "--data.batch_size",
+                "--trainer.max_epochs"):
+        assert key in fit_help, key
+    assert not any(re.search(rf"^  {tool} +\S", fit_help, re.MULTILINE) for tool in cli_module.TOOLS)
 
 
 def test_bad_model_key_fails_before_training(tmp_path, monkeypatch, capsys):

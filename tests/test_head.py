@@ -19,15 +19,36 @@ def test_shapes_and_layers(n_layers, use_bn):
 
 
 def test_bottleneck_is_unit_norm_and_logits_are_cosines():
+    torch.manual_seed(0)
     head = DINOHead(in_dim=12, out_dim=40, hidden_dim=16, bottleneck_dim=8)
     x = torch.randn(5, 12) * 10
-    z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
-    assert torch.allclose(z.norm(dim=-1), torch.ones(5))
-    # With magnitude 1 each prototype row has unit norm, so the logits are cosine similarities.
-    weight = head.last_layer.weight
-    assert torch.allclose(weight.norm(dim=1), torch.ones(40), atol=1e-6)
-    torch.testing.assert_close(head(x), z @ torch.nn.functional.normalize(weight, dim=1).T)
-    assert head(x).abs().max() <= 1 + 1e-5
+    # The bottleneck by hand: Linear-GELU-Linear-GELU-Linear from the layers' own weights.
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    h = x
+    for i, linear in enumerate(linears):
+        h = h @ linear.weight.T + linear.bias
+        if i < len(linears) - 1:
+            h = 0.5 * h * (1 + torch.erf(h / 2**0.5))  # exact GELU
+    raw_norms = h.norm(dim=-1, keepdim=True)
+    assert (raw_norms - 1).abs().min() > 0.1  # not unit norm before the head normalises it
+    bottleneck = h / raw_norms
+
+    seen = []
+    head.last_layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    logits = head(x)
+    # What the head feeds its last layer is the L2-normalised bottleneck.
+    [fed] = seen
+    torch.testing.assert_close(fed, bottleneck, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fed.norm(dim=-1), torch.ones(5), rtol=0, atol=1e-6)
+    # The last layer's weight is magnitude (frozen at 1) x direction / |direction| per prototype,
+    # so each prototype has unit norm and the logits are cosine similarities.
+    magnitude = head.last_layer.parametrizations.weight.original0
+    direction = head.last_layer.parametrizations.weight.original1
+    assert torch.all(magnitude == 1)
+    prototypes = direction / direction.norm(dim=1, keepdim=True)
+    assert (direction.norm(dim=1) - 1).abs().min() > 0.1  # the normalisation does something
+    torch.testing.assert_close(logits, bottleneck @ prototypes.T, rtol=1e-5, atol=1e-6)
+    assert logits.abs().max() <= 1 + 1e-5
 
 
 def test_weight_norm_parametrization_and_frozen_magnitude():

@@ -17,7 +17,12 @@ def test_parameter_groups_no_decay_on_biases_and_1d():
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0
-    assert all(n.endswith(".bias") or dict(model.student.named_parameters())[n].ndim == 1 for n in no_decay_names)
+    # Exactly the reference's split: biases and 1-D parameters undecayed, every other trainable one
+    # decayed (a split that decayed biases, or kept norm weights out of both groups, fails here).
+    trainable = {n: p for n, p in model.student.named_parameters() if p.requires_grad}
+    assert no_decay_names == {n for n, p in trainable.items() if n.endswith(".bias") or p.ndim == 1}
+    assert decay_names == set(trainable) - no_decay_names
+    assert "backbone.blocks.0.attn.qkv.bias" in no_decay_names and "head.mlp.0.bias" in no_decay_names
     assert "backbone.cls_token" in decay_names and "backbone.pos_embed" in decay_names
     assert "backbone.blocks.0.norm1.weight" in no_decay_names
     assert "head.last_layer.parametrizations.weight.original1" in decay_names
@@ -38,19 +43,38 @@ def test_per_tensor_clipping():
     torch.testing.assert_close(params[2].grad[:2], torch.tensor([1.8, 2.4]), rtol=1e-5, atol=1e-6)
 
 
-class ScheduleRecorder(Callback):
+class GradNormRecorder(Callback):
+    """Each step's gradients before the module clips them and after (as the optimizer used them).
+
+    Trainer callbacks' ``on_before_optimizer_step`` runs before the module's, which clips; the
+    gradients are left in place by the optimizer step until the next step zeroes them.
+    """
+
     def __init__(self):
+        self.before, self.after = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before.append([None if p.grad is None else p.grad.detach().clone() for p in pl_module.student.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append([None if p.grad is None else p.grad.detach().clone() for p in pl_module.student.parameters()])
+
+    def norms(self):
+        """Per step, (norm before, norm after) of every tensor that had a gradient after the clip."""
+        return [[(b.norm().item(), a.norm().item()) for b, a in zip(before, after, strict=True) if a is not None]
+                for before, after in zip(self.before, self.after, strict=True)]
+
+
+class ScheduleRecorder(GradNormRecorder):
+    def __init__(self):
+        super().__init__()
         self.rows = []
-        self.max_grad_norm = 0.0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Callbacks run before the module's hook; record what the optimizer will use.
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
         groups = optimizer.param_groups
         self.rows.append((trainer.global_step, groups[0]["lr"], groups[0]["weight_decay"], groups[1]["weight_decay"]))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        norms = [p.grad.norm().item() for p in pl_module.student.parameters() if p.grad is not None]
-        self.max_grad_norm = max([self.max_grad_norm, *norms])
 
 
 def test_schedules_in_a_run_and_lr_scaling():
@@ -67,7 +91,42 @@ def test_schedules_in_a_run_and_lr_scaling():
     assert lrs[-1] < lrs[4] and lrs[-1] >= 1e-6
     assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4, rel=0.02)
     assert set(no_decay_wds) == {0.0}
-    assert recorder.max_grad_norm <= 1e-3 * (1 + 1e-4)
+    # What the optimizer held: biases and 1-D parameters in the undecayed group, the rest decayed.
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    decayed, undecayed = ({names[id(p)] for p in group["params"]} for group in trainer.optimizers[0].param_groups)
+    assert undecayed == {n for n, p in model.student.named_parameters() if p.requires_grad and
+                         (n.endswith(".bias") or p.ndim == 1)}
+    assert decayed == {n for n, p in model.student.named_parameters() if p.requires_grad} - undecayed
+    # Every gradient tensor (norms 0.04 to 1.5e3 here) is above the 1e-3 clip, so the per-tensor
+    # clip leaves each of them at exactly 1e-3 (to the clip's 1e-6 in clip / (norm + 1e-6), a
+    # relative 3e-5 at the smallest norm). A global-norm clip would scale all by one factor: the
+    # largest tensor near 1e-3, every other one far below it.
+    for step, norms in enumerate(recorder.norms()):
+        assert len(norms) > 30, step
+        for before, after in norms:
+            assert before > 1e-3 and after == pytest.approx(1e-3, rel=1e-4), (step, before, after)
+
+
+def test_per_tensor_clipping_in_a_run():
+    model = DINO(**TINY_VIT, warmup_epochs=0, freeze_last_layer=0, clip_grad=3.0)
+    recorder = GradNormRecorder()
+    make_trainer(max_steps=2, callbacks=[recorder]).fit(model, CropData(batch_size=4, n=8))
+    assert len(recorder.before) == len(recorder.after) == 2
+    for step, (before, after) in enumerate(zip(recorder.before, recorder.after, strict=True)):
+        clipped = unclipped = 0
+        for b, a in zip(before, after, strict=True):
+            if b is None:
+                assert a is None
+                continue
+            norm = b.norm().item()
+            # DINO's clip: each tensor on its own, factor min(1, 3 / (norm + 1e-6)).
+            factor = min(1.0, 3.0 / (norm + 1e-6))
+            torch.testing.assert_close(a, b * factor, rtol=1e-5, atol=1e-8)
+            clipped += factor < 1
+            unclipped += factor == 1
+        # Gradient norms span 0.04 to 1.5e3: tensors on both sides of the limit in each step, so
+        # a global-norm clip (one factor for all, the small ones scaled too) fails above.
+        assert clipped > 5 and unclipped > 5, (step, clipped, unclipped)
 
 
 @pytest.mark.parametrize(("batch", "devices", "accumulate"), [(64, 1, 1), (64, 8, 1), (32, 2, 4)])

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "tests" / "conf" / "tiny_vit.yaml"
 
@@ -61,56 +63,81 @@ def test_feature_pooling_script(tmp_path):
     assert pooling_names(tmp_path) == ["avg", "max", "grid2", "flatten"]
 
 
+def grid_means_by_slicing(fmap, grid):
+    """(B, C, H, W) -> (B, C * grid * grid): the mean of each of the grid x grid equal blocks of
+    the map, cut out by slicing, channel-major (channel, block row, block column)."""
+    _, _, h, w = fmap.shape
+    kh, kw = h // grid, w // grid
+    assert kh * grid == h and kw * grid == w and kh > 1 and kw > 1  # larger than the grid
+    rows = [torch.stack([fmap[:, :, i * kh:(i + 1) * kh, j * kw:(j + 1) * kw].mean((2, 3)) for j in range(grid)], -1)
+            for i in range(grid)]
+    return torch.stack(rows, -2).flatten(1)
+
+
+def token_grid_means(patches, side, grid):
+    """(B, side * side, C) patch tokens in row-major order -> (B, C * grid * grid): the mean of
+    the tokens of each block of the grid, found by their indices, channel-major."""
+    k = side // grid
+    assert k * grid == side and k > 1
+    cells = []
+    for i in range(grid):
+        for j in range(grid):
+            index = [r * side + c for r in range(i * k, (i + 1) * k) for c in range(j * k, (j + 1) * k)]
+            cells.append(patches[:, index].mean(1))  # (B, C)
+    return torch.stack(cells, -1).flatten(1)  # (B, C, grid * grid) -> channel-major
+
+
 def test_pooled_features_match_the_backbone():
     import timm
-    import torch
 
     module = feature_pooling_module()
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
-    images, labels = torch.randn(6, 3, 64, 64), torch.arange(6)
+    images, labels = torch.randn(6, 3, 128, 128), torch.arange(6)
     feats, got_labels = module.pooled_features(backbone, [(images[:4], labels[:4]), (images[4:], labels[4:])])
     with torch.no_grad():
-        fmap = backbone.eval().forward_features(images)  # (6, 8, 2, 2)
+        fmap = backbone.eval().forward_features(images)
+    assert fmap.shape == (6, 8, 4, 4)  # a 4x4 map: the 2x2 grid averages 2x2 blocks
     torch.testing.assert_close(feats["avg"], backbone(images))  # timm's own average pooling
     torch.testing.assert_close(feats["max"], fmap.flatten(2).max(dim=2).values)
-    torch.testing.assert_close(feats["grid2"], fmap.flatten(1))  # a 2x2 map is its own 2x2 grid
-    assert feats["flatten"].shape == (6, 8 * 2 * 2) and torch.equal(got_labels, labels)
+    torch.testing.assert_close(feats["grid2"], grid_means_by_slicing(fmap, 2))
+    torch.testing.assert_close(feats["flatten"], fmap.flatten(1))
+    assert feats["flatten"].shape == (6, 8 * 4 * 4) and torch.equal(got_labels, labels)
 
 
 def test_pooled_vit_tokens_match_independent_computations():
-    import torch
-
     module = feature_pooling_module()
     torch.manual_seed(0)
-    vit = one_block_vit(32)
-    images, labels = torch.randn(3, 3, 32, 32), torch.arange(3)
+    vit = one_block_vit(64)
+    images, labels = torch.randn(3, 3, 64, 64), torch.arange(3)
     feats, _ = module.pooled_features(vit, [(images, labels)])
     with torch.no_grad():
-        tokens = vit.eval().forward_features(images)  # (3, 1 + 4, 8): a 2x2 patch map is its own 2x2 grid
+        tokens = vit.eval().forward_features(images)
+    assert tokens.shape == (3, 1 + 16, 8)  # a 4x4 patch map: the 2x2 grid averages 2x2 blocks
     patches = tokens[:, 1:]
     torch.testing.assert_close(feats["cls"], vit(images))  # timm's own class-token pooling
     torch.testing.assert_close(feats["avg"], patches.mean(1))
-    torch.testing.assert_close(feats["grid2"], patches.transpose(1, 2).flatten(1))  # channel-major
-    torch.testing.assert_close(feats["cls+grid2"], torch.cat([tokens[:, 0], feats["grid2"]], 1))
+    torch.testing.assert_close(feats["grid2"], token_grid_means(patches, 4, 2))
+    torch.testing.assert_close(feats["cls+grid2"], torch.cat([tokens[:, 0], token_grid_means(patches, 4, 2)], 1))
     torch.testing.assert_close(feats["flatten"], patches.flatten(1))
 
 
 def test_pooled_features_follow_the_grid_argument():
     import timm
-    import torch
 
     module = feature_pooling_module()
     torch.manual_seed(0)
-    vit = one_block_vit(48)
-    images, labels = torch.randn(3, 3, 48, 48), torch.arange(3)
+    vit = one_block_vit(96)
+    images, labels = torch.randn(3, 3, 96, 96), torch.arange(3)
     feats, _ = module.pooled_features(vit, [(images, labels)], grid=3)
     with torch.no_grad():
-        tokens = vit.eval().forward_features(images)  # (3, 1 + 9, 8): a 3x3 patch map is its own 3x3 grid
+        tokens = vit.eval().forward_features(images)
+    assert tokens.shape == (3, 1 + 36, 8)  # a 6x6 patch map: the 3x3 grid averages 2x2 blocks
     assert set(feats) == {"cls", "avg", "grid3", "cls+grid3", "flatten"}
-    torch.testing.assert_close(feats["grid3"], tokens[:, 1:].transpose(1, 2).flatten(1))
+    torch.testing.assert_close(feats["grid3"], token_grid_means(tokens[:, 1:], 6, 3))
     torch.testing.assert_close(feats["cls+grid3"], torch.cat([tokens[:, 0], feats["grid3"]], 1))
     cnn = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
     cnn_feats, _ = module.pooled_features(cnn, [(images, labels)], grid=1)
+    assert cnn_feats["flatten"].shape == (3, 8 * 3 * 3)  # a 3x3 map
     torch.testing.assert_close(cnn_feats["grid1"], cnn_feats["avg"])  # a 1x1 grid is the average
 
 
