@@ -36,6 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dino.data.blur import blur
+from lightning_dino.data.color import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    grayscale,
+)
 from lightning_dino.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -48,8 +56,6 @@ from lightning_dino.data.transforms import (
 # torchvision's RandomResizedCrop defaults.
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_ATTEMPTS = 10
-# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
-_LUMA = (0.2989, 0.587, 0.114)
 # Bicubic convolution parameter of the antialiased filter (PIL's, and torch's antialias=True).
 _CUBIC_A = -0.5
 _CUBIC_SUPPORT = 2.0
@@ -144,121 +150,6 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -
     inside = (offset >= 0) & (offset < length.view(-1, 1, 1)) & (distance.abs() < support)
     weights = weights * inside
     return weights / weights.sum(dim=-1, keepdim=True)
-
-
-def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
-    """Normalised 1-D Gaussian kernels, one per sigma, as torchvision's ``gaussian_blur``.
-
-    Args:
-        sigma: float (n,) standard deviations in pixels.
-        kernel_size: Odd kernel length.
-
-    Returns:
-        float32 (n, kernel_size).
-    """
-    half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, device=sigma.device)
-    return torch.softmax(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)) ** 2, dim=1)
-
-
-def blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Blur each image with its own Gaussian (separable, reflect padding).
-
-    Args:
-        images: float (n, C, H, W).
-        sigma: float (n,) standard deviations in pixels.
-        kernel_size: Odd kernel length, smaller than H and W.
-
-    Returns:
-        float (n, C, H, W).
-    """
-    n, c, h, w = images.shape
-    kernels = gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # (n*C, k)
-    pad = kernel_size // 2
-    x = F.pad(images, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, -1)
-    x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
-    x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
-    return x.view(n, c, h, w)
-
-
-def grayscale(images: Tensor) -> Tensor:
-    """Luma of RGB images (n, 3, H, W) as (n, 1, H, W); single-channel images pass through."""
-    if images.shape[1] == 1:
-        return images
-    r, g, b = images.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
-
-
-def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """``factor * images + (1 - factor) * other`` clamped to [0, 1]; ``factor`` is (n,)."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * images + (1 - f) * other).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image brightness: ``images * factor`` clamped to [0, 1]."""
-    return (images * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image contrast: blend with the mean grey level of each image."""
-    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(images, mean, factor)
-
-
-def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image saturation: blend with the grayscale image (no-op on grey images)."""
-    if images.shape[1] == 1:
-        return images
-    return _blend(images, grayscale(images), factor)
-
-
-def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image hue shift by ``factor`` (fraction of the hue circle) in HSV space.
-
-    Same algorithm as torchvision's ``adjust_hue`` (PIL's HSV conversion); grey images pass
-    through.
-
-    Args:
-        images: float (n, C, H, W) in [0, 1].
-        factor: float (n,) shifts in [-0.5, 0.5].
-
-    Returns:
-        float (n, C, H, W).
-    """
-    if images.shape[1] == 1:
-        return images
-    r, g, b = images.unbind(dim=1)
-    maxc, minc = images.amax(dim=1), images.amin(dim=1)
-    flat = maxc == minc
-    spread = maxc - minc
-    saturation = spread / torch.where(flat, torch.ones_like(maxc), maxc)
-    divisor = torch.where(flat, torch.ones_like(spread), spread)
-    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
-    max_is_r = maxc == r
-    max_is_g = (maxc == g) & ~max_is_r
-    max_is_b = ~max_is_r & ~max_is_g
-    hue = max_is_r * (bc - gc) + max_is_g * (2.0 + rc - bc) + max_is_b * (4.0 + gc - rc)
-    hue = (hue / 6.0 + 1.0).fmod(1.0)
-    hue = (hue + factor.view(-1, 1, 1)).remainder(1.0)
-    return _hsv_to_rgb(hue, saturation, maxc)
-
-
-def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
-    """HSV planes (n, H, W) to RGB (n, 3, H, W), as torchvision's ``_hsv_to_rgb``."""
-    h6 = hue * 6.0
-    sector = h6.floor()
-    frac = h6 - sector
-    sector = sector.long().remainder(6)
-    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
-    q = (value * (1.0 - saturation * frac)).clamp(0.0, 1.0)
-    t = (value * (1.0 - saturation * (1.0 - frac))).clamp(0.0, 1.0)
-    planes = torch.stack([value, p, q, t], dim=1)  # indices 0..3 = v, p, q, t
-    select = torch.tensor(
-        [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=hue.device
-    )
-    index = select[:, sector].movedim(0, 1)  # (n, 3, H, W)
-    return planes.gather(1, index)
 
 
 class BatchedMultiCropTransform:
@@ -391,26 +282,34 @@ class BatchedMultiCropTransform:
     def collate(self, samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:
         """DataLoader ``collate_fn``: stack raw ``(image, label)`` samples and augment them.
 
+        Images of one size and channel count are cropped together (:meth:`__call__`); images
+        of several sizes (a folder of photographs) are cropped one by one
+        (:meth:`augment_images`). Either way the per-pixel work runs on the whole batch.
+
         Args:
-            samples: ``(image, label)`` pairs; images are uint8 tensors or PIL images of one
-                size and channel count.
+            samples: ``(image, label)`` pairs; images are uint8 tensors or PIL images.
 
         Returns:
-            ``(crops, labels)`` as :class:`MultiCropDataModule` batches: the crop list of
-            :meth:`__call__` and int64 labels (B,).
-
-        Raises:
-            ValueError: If the images do not all have the same shape.
+            ``(crops, labels)`` as :class:`MultiCropDataModule` batches: the crop list and
+            int64 labels (B,).
         """
-        images = [to_uint8_tensor(image) for image, _ in samples]
-        shapes = {tuple(image.shape) for image in images}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"batched augmentation needs images of one size and channel count, got {shapes}; "
-                "use --data.augmentation per_sample for this dataset"
-            )
-        labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
-        return self(torch.stack(images)), labels
+        images, labels = collate_images(samples)
+        return self.augment(images), labels
+
+    def augment(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """Augment a list of uint8 (C, H, W) images, cropped together when they share a shape.
+
+        Images of several sizes are cropped one by one (:meth:`augment_images`).
+
+        Args:
+            images: uint8 (C, H, W) images on one device.
+
+        Returns:
+            ``[g1, g2, ..., l1, ..., lN]``: float32 (B, 3, S, S) tensors, normalised.
+        """
+        if len({tuple(image.shape) for image in images}) == 1:
+            return self(torch.stack(list(images)))
+        return self.augment_images(images)
 
     def _views(
         self,
@@ -422,26 +321,98 @@ class BatchedMultiCropTransform:
         solarize_p: Tensor,
     ) -> list[Tensor]:
         """``n_views`` augmented views of every image: a list of (B, 3, size, size)."""
-        s = self.settings
-        batch, channels, height, width = pixels.shape
+        batch, _, height, width = pixels.shape
         rows = n_views * batch
         boxes = sample_crop_boxes(rows, height, width, scale, device=pixels.device)
         wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size).view(n_views, batch, size, -1)
         wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size).view(n_views, batch, size, -1)
         x = torch.einsum("vbsh,bchw->vbcsw", wy, pixels)
-        x = torch.einsum("vbcsw,vbtw->vbcst", x, wx).reshape(rows, channels, size, size)
-        x = x.clamp_(0.0, 1.0)
-        flip = torch.rand(rows, device=x.device) < s["hflip_p"]
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = torch.einsum("vbcsw,vbtw->vbcst", x, wx)
+        return self._augment(x, blur_p, solarize_p)
+
+    def _augment(self, crops: Tensor, blur_p: Tensor, solarize_p: Tensor) -> list[Tensor]:
+        """The per-pixel half of every view, on whole batches of cut crops.
+
+        Args:
+            crops: float (V, B, C, S, S) crops in [0, 1] (before clamping).
+            blur_p: (V, B) blur probability of each crop.
+            solarize_p: (V, B) solarisation probability of each crop.
+
+        Returns:
+            V normalised float32 (B, 3, S, S) views.
+        """
+        s = self.settings
+        n_views, batch, channels, size = crops.shape[:4]
+        rows = n_views * batch
+        # Every step below changes only the rows it draws, in place (x is this call's own tensor).
+        x = crops.reshape(rows, channels, size, size).clamp_(0.0, 1.0)
+        flipped = _rows(torch.rand(rows, device=x.device) < s["hflip_p"])
+        if flipped.numel():
+            x[flipped] = x[flipped].flip(-1)
         x = self._color_jitter(x)
         x = self._grayscale(x)
         x = self._blur(x, blur_p.reshape(-1), size)
-        solarize = torch.rand(rows, device=x.device) < solarize_p.reshape(-1)
-        x = torch.where(solarize.view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD / 255.0), 1.0 - x, x)
-        mean = torch.tensor(s["mean"], device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(s["std"], device=x.device).view(1, 3, 1, 1)
-        x = (x.expand(-1, 3, -1, -1) - mean) / std
+        solarized = _rows(torch.rand(rows, device=x.device) < solarize_p.reshape(-1))
+        if solarized.numel():
+            chosen = x[solarized]
+            x[solarized] = torch.where(chosen >= SOLARIZE_THRESHOLD / 255.0, 1.0 - chosen, chosen)
+        scale = 1.0 / torch.tensor(s["std"], device=x.device).view(1, 3, 1, 1)
+        shift = -torch.tensor(s["mean"], device=x.device).view(1, 3, 1, 1) * scale
+        x = torch.addcmul(shift, x.expand(-1, 3, -1, -1), scale)
         return list(x.view(n_views, batch, 3, size, size).unbind(0))
+
+    def augment_images(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """Augment images of any sizes: crops cut from each original, pixel work per batch.
+
+        Every image gets its own crop boxes, drawn from its own size as ``RandomResizedCrop``
+        draws them, and each box is resampled alone (antialiased bicubic, only the pixels inside
+        the box are read); flips, jitter, grayscale, blur, solarisation and normalisation then
+        run on all crops of a view at once. Works on any device (``--data.augmentation device``
+        runs it on the training device after the transfer).
+
+        Args:
+            images: uint8 (C, H, W) images, C in {1, 3}, of any sizes, on one device.
+
+        Returns:
+            ``[g1, g2, ..., l1, ..., lN]``: float32 (B, 3, S, S) tensors, normalised.
+
+        Raises:
+            ValueError: If an image is not a uint8 (C, H, W) tensor with C in {1, 3}.
+        """
+        for image in images:
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+                raise ValueError(
+                    "expected uint8 images of shape (C, H, W) with C in {1, 3}, got "
+                    f"{image.dtype} {tuple(image.shape)}"
+                )
+        s = self.settings
+        channels = max(image.shape[0] for image in images)
+        n_global, n_local = self.n_global_crops, self.n_local_crops
+        global_crops, local_crops = [], []
+        for image in images:
+            pixels = image.expand(channels, -1, -1)
+            global_crops.append(
+                crop_views(pixels, n_global, s["global_crop_size"], s["global_crop_scale"])
+            )
+            if n_local:
+                local_crops.append(
+                    crop_views(pixels, n_local, s["local_crop_size"], s["local_crop_scale"])
+                )
+        batch, device = len(images), images[0].device
+        blur_p = torch.full((n_global, batch), s["blur_p"][1], device=device)
+        blur_p[0] = s["blur_p"][0]
+        solarize_p = torch.full((n_global, batch), s["solarize_p"], device=device)
+        solarize_p[0] = 0.0
+        crops = torch.stack(global_crops, dim=1).float().div_(255.0)
+        views = self._augment(crops, blur_p, solarize_p)
+        if n_local:
+            shape = (n_local, batch)
+            views += self._augment(
+                torch.stack(local_crops, dim=1).float().div_(255.0),
+                torch.full(shape, s["blur_p"][2], device=device),
+                torch.zeros(shape, device=device),
+            )
+        return views
 
     def _color_jitter(self, x: Tensor) -> Tensor:
         """ColorJitter with probability ``color_jitter_p``, its four steps in a random order."""
@@ -459,7 +430,6 @@ class BatchedMultiCropTransform:
         ]
         factors = [torch.empty(rows, device=x.device).uniform_(lo, hi) for _, lo, hi, _ in steps]
         order = torch.rand(rows, len(steps), device=x.device).argsort(dim=1)
-        x = x.clone()
         for position in range(len(steps)):
             for index, (adjust, _, _, enabled) in enumerate(steps):
                 if not enabled:
@@ -473,8 +443,10 @@ class BatchedMultiCropTransform:
         """Random grayscale with probability ``grayscale_p`` (no-op on grey images)."""
         if self.settings["grayscale_p"] == 0 or x.shape[1] == 1:
             return x
-        gray = torch.rand(x.shape[0], device=x.device) < self.settings["grayscale_p"]
-        return torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        gray = _rows(torch.rand(x.shape[0], device=x.device) < self.settings["grayscale_p"])
+        if gray.numel():
+            x[gray] = grayscale(x[gray]).expand(-1, x.shape[1], -1, -1)
+        return x
 
     def _blur(self, x: Tensor, blur_p: Tensor, size: int) -> Tensor:
         """Gaussian blur of each row with probability ``blur_p[row]``, sigma drawn per row."""
@@ -486,6 +458,55 @@ class BatchedMultiCropTransform:
         if kernel == 1:
             return x
         sigma = torch.empty(chosen.numel(), device=x.device).uniform_(low, high)
-        x = x.clone()
         x[chosen] = blur(x[chosen], sigma, kernel)
         return x
+
+
+def crop_views(image: Tensor, n_views: int, size: int, scale: tuple[float, float]) -> Tensor:
+    """Cut ``n_views`` RandomResizedCrop views out of one image, each resampled on its own.
+
+    The boxes are drawn on the CPU, as torchvision draws them from the image's own size; each
+    box is resized to ``size`` x ``size`` with ``interpolate(mode="bicubic", antialias=True)``
+    on the uint8 pixels, which is what torchvision's ``resized_crop`` does to a uint8 tensor: a
+    box gives the same pixels as the per-sample path.
+
+    Args:
+        image: uint8 (C, H, W) image on any device.
+        n_views: Number of crops.
+        size: Output side in pixels.
+        scale: (min, max) fraction of the image area a crop covers.
+
+    Returns:
+        uint8 (n_views, C, size, size).
+    """
+    _, height, width = image.shape
+    boxes = sample_crop_boxes(n_views, height, width, scale).tolist()
+    crops = [
+        F.interpolate(
+            image[None, :, top : top + h, left : left + w],
+            size=(size, size),
+            mode="bicubic",
+            antialias=True,
+        )
+        for top, left, h, w in boxes
+    ]
+    return torch.cat(crops)
+
+
+def collate_images(samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:
+    """DataLoader ``collate_fn`` that keeps decoded images as they are (for device augmentation).
+
+    Args:
+        samples: ``(image, label)`` pairs; images are uint8 tensors or PIL images of any sizes.
+
+    Returns:
+        ``(images, labels)``: the uint8 (C, H, W) images, unchanged, and int64 labels (B,).
+    """
+    images = [to_uint8_tensor(image) for image, _ in samples]
+    labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
+    return images, labels
+
+
+def _rows(mask: Tensor) -> Tensor:
+    """Indices of the True entries of a 1-D mask."""
+    return mask.nonzero().squeeze(1)

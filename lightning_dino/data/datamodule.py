@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_dino.data.batched import BatchedMultiCropTransform
+from lightning_dino.data.batched import BatchedMultiCropTransform, collate_images
 from lightning_dino.data.datasets import (
     ImageFolderDataset,
     TensorImageDataset,
@@ -36,6 +36,7 @@ _NEEDS_DATA_DIR = ("folder", "cifar10", "stl10")
 _DOWNLOADABLE = ("fashion_mnist", "cifar10", "stl10")
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "stl10": 10}
 # The multi-crop arguments, shared by MultiCropTransform and BatchedMultiCropTransform.
+_AUGMENTATIONS = ("auto", "per_sample", "batched", "device")
 _CROP_KEYS = (
     "global_crop_size",
     "local_crop_size",
@@ -119,11 +120,15 @@ class MultiCropDataModule(pl.LightningDataModule):
         synthetic_size: Number of ``synthetic`` training images.
         synthetic_image_size: Side of ``synthetic`` images, in pixels.
         synthetic_num_classes: Number of ``synthetic`` classes.
-        augmentation: ``"per_sample"`` runs :class:`MultiCropTransform` on each image;
-            ``"batched"`` collates raw uint8 images in the workers and augments the whole batch
-            with :class:`BatchedMultiCropTransform` (same distributions, no uint8 rounding
-            between steps, about 10x faster on a CPU). Batched needs images of one size, so
-            not ``folder``.
+        augmentation: Where the multi-crop augmentation runs (same distributions everywhere).
+            ``"per_sample"``: :class:`MultiCropTransform` on each image in the workers.
+            ``"batched"``: the workers decode and cut each image's crops, then augment the
+            whole batch's pixels at once with :class:`BatchedMultiCropTransform` (no uint8
+            rounding between the pixel steps; several times faster per core).
+            ``"device"``: the workers only decode; crops and pixel work run on the training
+            device after the transfer (``on_after_batch_transfer``), batched; for GPUs, where
+            the CPU would otherwise starve the accelerator.
+            ``"auto"`` (default): ``device`` when training on a GPU, else ``batched``.
 
     Raises:
         ValueError: If an argument is invalid; the message names the ``--data.`` key.
@@ -161,7 +166,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         synthetic_size: int = 512,
         synthetic_image_size: int = 32,
         synthetic_num_classes: int = 10,
-        augmentation: Literal["per_sample", "batched"] = "per_sample",
+        augmentation: Literal["auto", "per_sample", "batched", "device"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -191,7 +196,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         )
         self.batched_transform = (
             BatchedMultiCropTransform(**{key: self.hparams[key] for key in _CROP_KEYS})
-            if augmentation == "batched"
+            if augmentation != "per_sample"
             else None
         )
         self.train_dataset: Dataset | None = None
@@ -208,14 +213,10 @@ class MultiCropDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"--data.dataset must be one of {get_args(DatasetName)}, got {hp.dataset!r}"
             )
-        if hp.augmentation not in ("per_sample", "batched"):
+        if hp.augmentation not in _AUGMENTATIONS:
             raise ValueError(
-                f"--data.augmentation must be per_sample or batched, got {hp.augmentation!r}"
-            )
-        if hp.augmentation == "batched" and hp.dataset == "folder":
-            raise ValueError(
-                "--data.augmentation batched needs images of one size, which an image folder "
-                "does not guarantee; use --data.augmentation per_sample for --data.dataset folder"
+                f"--data.augmentation must be one of {', '.join(_AUGMENTATIONS)}, got "
+                f"{hp.augmentation!r}"
             )
         for key, minimum in [
             ("batch_size", 1),
@@ -285,6 +286,33 @@ class MultiCropDataModule(pl.LightningDataModule):
         else:
             for split in ("train", "test") if hp.dataset == "cifar10" else ("train+unlabeled",):
                 torchvision_dataset(hp.dataset, hp.data_dir, split, download=True)
+
+    @property
+    def augmentation(self) -> str:
+        """Where augmentation runs this time: ``auto`` resolved against the trainer's device."""
+        chosen = self.hparams.augmentation
+        if chosen != "auto":
+            return chosen
+        trainer = self.trainer
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return "device" if on_gpu else "batched"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``device`` augmentation, make the crops of a training batch on its device.
+
+        Args:
+            batch: ``(images, labels)`` from the training loader: uint8 (C, H, W) images
+                already on the training device (a stacked tensor or a list of any sizes).
+            dataloader_idx: Index of the dataloader.
+
+        Returns:
+            ``(crops, labels)``; other batches are returned unchanged.
+        """
+        images, labels = batch if isinstance(batch, tuple | list) and len(batch) == 2 else (0, 0)
+        raw = isinstance(images, list) and images and images[0].dtype == torch.uint8
+        if self.batched_transform is None or not raw:
+            return batch
+        return self.batched_transform.augment(images), labels
 
     def setup(self, stage: str | None = None) -> None:
         """Build the training and k-NN datasets (once; later calls do nothing).
@@ -388,8 +416,13 @@ class MultiCropDataModule(pl.LightningDataModule):
         """
         self.setup()
         workers = self._num_workers()
-        batched = self.batched_transform is not None
-        images = self._train_images if batched else self.train_dataset
+        mode = self.augmentation
+        images = self.train_dataset if mode == "per_sample" else self._train_images
+        collate = {
+            "per_sample": None,
+            "batched": self.batched_transform.collate if self.batched_transform else None,
+            "device": collate_images,
+        }[mode]
         self._train_sampler = EpochSampler.for_trainer(images, self.trainer, self._train_sampler)
         return ResumableDataLoader(
             images,
@@ -397,7 +430,7 @@ class MultiCropDataModule(pl.LightningDataModule):
             sampler=self._train_sampler,
             drop_last=True,
             num_workers=workers,
-            collate_fn=self.batched_transform.collate if batched else None,
+            collate_fn=collate,
             pin_memory=self._pin_memory(),
             persistent_workers=workers > 0,
         )

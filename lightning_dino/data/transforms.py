@@ -24,6 +24,9 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from lightning_dino.data.blur import SeparableGaussianBlur
+from lightning_dino.data.color import FastColorJitter
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN: tuple[float, float, float] = (0.2860, 0.2860, 0.2860)
@@ -272,13 +275,13 @@ class MultiCropTransform:
         ]
         if any(self._color_jitter) and self._color_jitter_p > 0:
             steps.append(
-                v2.RandomApply([v2.ColorJitter(*self._color_jitter)], p=self._color_jitter_p)
+                v2.RandomApply([FastColorJitter(*self._color_jitter)], p=self._color_jitter_p)
             )
         if self._grayscale_p > 0:
             steps.append(v2.RandomGrayscale(p=self._grayscale_p))
         if blur_p > 0:
             kernel = blur_kernel_size(size, self._blur_sigma[1])
-            blur = v2.GaussianBlur(kernel_size=kernel, sigma=self._blur_sigma)
+            blur = SeparableGaussianBlur(kernel_size=kernel, sigma=self._blur_sigma)
             steps.append(v2.RandomApply([blur], p=blur_p))
         if solarize_p > 0:
             steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))

@@ -63,13 +63,8 @@ def test_invalid_arguments_and_inputs_are_rejected_like_the_per_sample_transform
         BatchedMultiCropTransform(blur_p=(1.0, 2.0, 0.5))
     with pytest.raises(ValueError, match="uint8 batch"):
         BatchedMultiCropTransform()(torch.zeros(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="one size"):
-        BatchedMultiCropTransform(16, 8).collate(
-            [
-                (torch.zeros(3, 20, 20, dtype=torch.uint8), 0),
-                (torch.zeros(3, 24, 20, dtype=torch.uint8), 1),
-            ]
-        )
+    with pytest.raises(ValueError, match="uint8 images"):
+        BatchedMultiCropTransform(16, 8).augment_images([torch.zeros(3, 20, 20), torch.zeros(3, 24, 20)])
 
 
 @pytest.mark.parametrize("out_size", [7, 16, 24, 40])
@@ -269,6 +264,6 @@ def test_data_module_batched_batches_look_like_per_sample_batches():
     assert labels.dtype == their_labels.dtype == torch.int64 and labels.shape == (8,)
 
 
-def test_data_module_rejects_batched_augmentation_of_an_image_folder(tmp_path):
-    with pytest.raises(ValueError, match=r"--data\.augmentation batched"):
-        MultiCropDataModule(dataset="folder", data_dir=str(tmp_path), augmentation="batched")
+def test_data_module_rejects_an_unknown_augmentation(tmp_path):
+    with pytest.raises(ValueError, match=r"--data\.augmentation must be one of auto, per_sample, batched, device"):
+        MultiCropDataModule(dataset="folder", data_dir=str(tmp_path), augmentation="gpu")

@@ -248,3 +248,43 @@ def test_eval_transform_is_deterministic_with_the_reference_ratio():
     assert EvalTransform(16, resize=16)(image).shape == (3, 16, 16)
     with pytest.raises(ValueError, match="resize must be >= size"):
         EvalTransform(16, resize=15)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_separable_blur_equals_torchvision_gaussian_blur(dtype):
+    from lightning_dino.data.blur import SeparableGaussianBlur
+
+    image = random_uint8(3, 40, 33)
+    image = image if dtype == torch.uint8 else image.float() / 255
+    ours, theirs = SeparableGaussianBlur(13, (0.1, 2.0)), v2.GaussianBlur(13, (0.1, 2.0))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)  # the same sigma draw
+        want = theirs(image)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if dtype == torch.uint8:
+            # Rounding to uint8: a value within float error of .5 may round the other way.
+            assert (got.int() - want.int()).abs().max() <= 1
+            assert (got != want).float().mean() < 0.01
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_fast_colour_jitter_equals_torchvision_colour_jitter():
+    from lightning_dino.data.color import FastColorJitter
+
+    image = random_uint8(3, 24, 30)
+    ours, theirs = FastColorJitter(0.4, 0.4, 0.2, 0.1), v2.ColorJitter(0.4, 0.4, 0.2, 0.1)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)  # the same order and factors
+        want = theirs(image)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        # The hue step's float results differ by rounding only; uint8 conversion may flip a level.
+        assert (got.int() - want.int()).abs().max() <= 1, seed
+        assert (got != want).float().mean() < 0.02, seed
+    gray = random_uint8(1, 8, 8)
+    torch.manual_seed(0)
+    assert ours(gray).shape == (1, 8, 8)
