@@ -52,6 +52,15 @@ step 70 "data pipeline, per-sample torchvision v2 augmentation (the reference's)
 step 70 "data pipeline, batched augmentation in the workers" \
   "$PY" benchmarks/gpu_throughput.py --data pipeline --augmentation batched \
   --batch-sizes 128 --steps 10 --warmup 3 "${DRY[@]}"
+# Real photographs (500x375 JPEGs from benchmarks/photos.py; build them before, on a machine
+# with PyPI, and carry data/photos): decode in the workers, crops and pixels on the GPU.
+if [ -d data/photos ]; then
+  for aug in device batched; do
+    step 70 "real photographs, $aug augmentation" \
+      "$PY" benchmarks/gpu_throughput.py --data pipeline --photos data/photos --augmentation "$aug" \
+      --batch-sizes 128 --steps 10 --warmup 3 "${DRY[@]}"
+  done
+fi
 
 # 4. Side by side on the GPU: (a) DINO + Lightning, (b) per-view example-code loop, (c) bare loop.
 CONFIG=$(mktemp --suffix=.yaml)

@@ -102,15 +102,22 @@ def model_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def data_settings(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     """Keyword arguments of the data module (sizes, counts; generated images for the pipeline)."""
+    source: dict[str, Any] = (
+        {"dataset": "folder", "data_dir": str(args.photos), "val_fraction": 0.0}
+        if args.photos
+        else {
+            "dataset": "synthetic",
+            "synthetic_size": max(args.synthetic_images, 2 * batch_size),
+            "synthetic_image_size": args.image_size,
+        }
+    )
     return {
-        "dataset": "synthetic",
+        **source,
         "batch_size": batch_size,
         "num_workers": args.workers,
         "global_crop_size": args.global_size,
         "local_crop_size": args.local_size,
         "n_local_crops": args.n_local,
-        "synthetic_size": max(args.synthetic_images, 2 * batch_size),
-        "synthetic_image_size": args.image_size,
         "augmentation": args.augmentation,
     }
 
@@ -158,7 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per batch size")
     parser.add_argument("--data", choices=["synthetic", "pipeline"], default="synthetic")
-    parser.add_argument("--augmentation", choices=["per_sample", "batched"], default="per_sample")
+    parser.add_argument(
+        "--augmentation", choices=["per_sample", "batched", "device", "auto"], default="per_sample"
+    )
+    parser.add_argument(
+        "--photos", default=None, help="pipeline: a folder of photographs (benchmarks/photos.py)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="loader workers (pipeline)")
     parser.add_argument("--image-size", type=int, default=256, help="generated image side")
     parser.add_argument("--synthetic-images", type=int, default=1024, help="generated images")
