@@ -19,6 +19,7 @@ from lightning_dino.export import export_backbone, load_backbone
 from lightning_dino.head import DINOHead
 from lightning_dino.loss import DINOLoss
 from lightning_dino.module import DINO
+from lightning_dino.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.preemption import TrainingInterrupted
 from lightning_dino.schedules import StepScheduler
 from lightning_dino.teacher import TeacherEMA, ema_update
@@ -27,6 +28,7 @@ __all__ = [
     "DINO",
     "AttentionMapMonitor",
     "CollapseMonitor",
+    "CropGridLogger",
     "DINOCheckpoint",
     "DINOHead",
     "DINOLoss",
@@ -39,6 +41,7 @@ __all__ = [
     "ResumableDataLoader",
     "StepScheduler",
     "TeacherEMA",
+    "ThroughputLogger",
     "TrainingInterrupted",
     "__version__",
     "attention_maps",

@@ -187,9 +187,18 @@ def feature_dim(backbone: nn.Module) -> int:
         value = getattr(backbone, attr, None)
         if isinstance(value, int):
             return value
-    with torch.no_grad():
-        was_training = backbone.training
-        out = backbone.eval()(torch.zeros(2, 3, 224, 224))
+    was_training = backbone.training
+    try:
+        with torch.no_grad():
+            out = backbone.eval()(torch.zeros(2, 3, 224, 224))
+    except Exception as err:  # any error of the user's module
+        raise ValueError(
+            "cannot find the feature width of the backbone module: it has no integer "
+            "num_features / embed_dim attribute, and running it on a 224x224 image failed "
+            f"({type(err).__name__}: {err}). Give the module a num_features attribute or pass "
+            "DINO(backbone_dim=D) (--model.backbone_dim D)"
+        ) from err
+    finally:
         backbone.train(was_training)
     if out.ndim != 2:
         raise ValueError(f"the backbone must return (B, D) features, got shape {tuple(out.shape)}")
@@ -247,6 +256,7 @@ def build_student_teacher(
     drop_path_rate: float = 0.1,
     backbone_kwargs: dict[str, Any] | None = None,
     feature_grid: int = 0,
+    backbone_dim: int | None = None,
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -260,6 +270,7 @@ def build_student_teacher(
         drop_path_rate: Stochastic depth of the student backbone (timm names only).
         backbone_kwargs: Extra ``timm.create_model`` arguments (timm names only).
         feature_grid: See :func:`create_timm_backbone` (timm names only).
+        backbone_dim: The backbone's feature width, when :func:`feature_dim` cannot find it.
 
     Returns:
         ``(student, teacher)``.
@@ -278,7 +289,7 @@ def build_student_teacher(
     else:
         student_backbone = backbone
         teacher_backbone = copy.deepcopy(backbone)
-    in_dim = feature_dim(student_backbone)
+    in_dim = backbone_dim or feature_dim(student_backbone)
     student = MultiCropNetwork(student_backbone, DINOHead(in_dim, **head_kwargs))
     teacher_head_kwargs = {**head_kwargs, "norm_last_layer": True}
     teacher = MultiCropNetwork(teacher_backbone, DINOHead(in_dim, **teacher_head_kwargs))

@@ -124,7 +124,11 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = 
 
 
 def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
-    """Load a DINO backbone from an export directory or a Lightning checkpoint, in eval mode.
+    """Load a DINO backbone from an export directory or a Lightning checkpoint.
+
+    It comes back as ``timm.create_model`` returns a model: in train mode with every parameter
+    trainable, ready for fine-tuning. For feature extraction call ``.eval()`` (the package's
+    own tools do).
 
     An export directory is loaded with plain timm (``pretrained_cfg_overlay``); a checkpoint is
     read with ``weights_only=True``, the timm model is rebuilt from its hyperparameters and the
@@ -137,7 +141,7 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
 
     Returns:
         The backbone, a timm model without classifier mapping (B, C, H, W) images to (B, D)
-        features, in eval mode on the CPU.
+        features, on the CPU, in train mode, ``requires_grad=True``.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -148,7 +152,7 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         path = path.parent
     if path.is_dir():
-        return _load_export(path, which).eval()
+        return _load_export(path, which).train().requires_grad_(True)
     ckpt = read_checkpoint(path)
     which = which or "teacher"
     state = backbone_state_dict(ckpt, which, source=path)
@@ -162,7 +166,7 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
         )
     model = build_timm_backbone(hparams)
     _load_strict(model, state, f"{which} backbone of {path}")
-    return model.eval()
+    return model.train().requires_grad_(True)
 
 
 class UnreadableCheckpointError(ValueError):
@@ -329,7 +333,8 @@ def _timm_config(
 def eval_preprocessing(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The evaluation preprocessing of the run that wrote a checkpoint.
 
-    Read from the data module's hyperparameters saved in the checkpoint.
+    Read from the data module's hyperparameters saved in the checkpoint; with another data
+    module, the size is the global crop size the module recorded from its batches.
 
     Args:
         ckpt: A checkpoint dictionary (see :func:`read_checkpoint`).
@@ -339,8 +344,9 @@ def eval_preprocessing(ckpt: dict[str, Any]) -> dict[str, Any]:
         (``eval_resize`` or None), ``mean`` and ``std`` (ImageNet's when unknown).
     """
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    seen = (ckpt.get("crop_sizes") or {}).get("global")  # the module's record of its crops
     return {
-        "size": data.get("eval_size") or data.get("global_crop_size"),
+        "size": data.get("eval_size") or data.get("global_crop_size") or seen,
         "resize": data.get("eval_resize"),
         "mean": tuple(data.get("mean", IMAGENET_MEAN)),
         "std": tuple(data.get("std", IMAGENET_STD)),

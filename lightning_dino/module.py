@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -16,7 +17,12 @@ from lightning_dino.checkpointing import RandomStateCallback
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
 from lightning_dino.loss import DINOLoss, full_precision
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
-from lightning_dino.preflight import check_model_and_data, schedule_warnings
+from lightning_dino.preflight import (
+    check_first_batch,
+    check_model_and_data,
+    crops_of,
+    schedule_warnings,
+)
 from lightning_dino.resume import (
     ResumeError,
     hyperparameter_changes,
@@ -26,7 +32,8 @@ from lightning_dino.resume import (
 from lightning_dino.schedules import StepScheduler, cosine_schedule, teacher_temperature
 from lightning_dino.teacher import TeacherEMA
 
-Batch = tuple[list[Tensor], Tensor] | list[Tensor]
+# (crops, labels), a bare list of crops, or {"crops": crops, ...}; see preflight.crops_of.
+Batch = tuple[list[Tensor], Tensor] | list[Tensor] | dict[str, Any]
 
 
 def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
@@ -120,12 +127,21 @@ class DINO(pl.LightningModule):
         clip_grad: Per-tensor gradient-norm clip after unscaling; 0 disables.
         freeze_last_layer: Epochs during which the head's last-layer gradients are dropped (set to
             None, so AdamW applies neither the update nor weight decay).
+        freeze_backbone_steps: Optimizer steps during which only the head trains (backbone
+            gradients dropped the same way): a head warm-up that protects pretrained backbone
+            weights (``backbone_kwargs: {pretrained: true}``) from a random head's gradients.
         optimizer: ``"adamw"`` (fused where supported) or ``"sgd"`` (momentum 0.9).
         compile: ``torch.compile`` the student and teacher backbones (in place, so checkpoint
             keys do not change; one static graph per crop size). Head, loss and hooks stay eager.
         channels_last: Keep convolutional backbones' weights in channels-last memory format,
             which oneDNN and cuDNN convolutions run faster (1.2x for the quickstart ResNet on a
             CPU); ViTs are left as they are.
+        backbone_dim: Feature width D of an ``nn.Module`` backbone. Needed only when the module
+            has no integer ``num_features`` / ``embed_dim`` attribute and cannot run on a
+            224 x 224 image (it is otherwise found by one test forward).
+        monitors: Bring the collapse warning, the images/s log and the crop grid
+            (:class:`~lightning_dino.eval.CollapseMonitor`, :class:`ThroughputLogger`,
+            :class:`CropGridLogger`); False leaves only the callbacks the method needs.
     """
 
     def __init__(
@@ -155,9 +171,12 @@ class DINO(pl.LightningModule):
         weight_decay_end: float = 0.4,
         clip_grad: float = 3.0,
         freeze_last_layer: int = 1,
+        freeze_backbone_steps: int = 0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         compile: bool = False,
         channels_last: bool = True,
+        backbone_dim: int | None = None,
+        monitors: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -175,6 +194,7 @@ class DINO(pl.LightningModule):
             drop_path_rate=drop_path_rate,
             backbone_kwargs=backbone_kwargs,
             feature_grid=feature_grid,
+            backbone_dim=backbone_dim,
         )
         for network in (self.student, self.teacher):
             if channels_last and not is_vit(network.backbone):
@@ -185,6 +205,8 @@ class DINO(pl.LightningModule):
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
         self._brought_callbacks: list[Callback] = []
+        self._check_next_batch = True
+        self.crop_sizes: dict[str, list[int] | None] | None = None
         self.total_steps = 1
         self.steps_per_epoch = 1
         self.peak_lr = lr
@@ -208,11 +230,29 @@ class DINO(pl.LightningModule):
         # A second fit on the same Trainer still holds the ones brought the first time.
         kept = [c for c in present if any(c is mine for mine in self._brought_callbacks)]
         callbacks = [c for c in callbacks if type(c) not in {type(k) for k in kept}]
-        for default in (CollapseMonitor, ThroughputLogger, CropGridLogger):
+        monitors = (CollapseMonitor, ThroughputLogger, CropGridLogger)
+        for default in monitors if self.hparams.monitors else ():
             if not any(isinstance(c, default) for c in present):
                 callbacks.append(default())
         self._brought_callbacks = [*kept, *callbacks]
         return callbacks
+
+    def trainable_backbone(self, which: Literal["teacher", "student"] = "teacher") -> nn.Module:
+        """A copy of one network's backbone to fine-tune: train mode, every parameter trainable.
+
+        The module's own teacher is frozen (``requires_grad=False``) and follows the student;
+        fine-tuning needs a separate, trainable copy::
+
+            backbone = DINO.load_from_checkpoint("last.ckpt").trainable_backbone()
+
+        Args:
+            which: ``"teacher"`` (the network DINO evaluates and exports) or ``"student"``.
+
+        Returns:
+            A deep copy of the backbone, mapping (B, C, H, W) images to (B, D) features.
+        """
+        network = self.teacher if which == "teacher" else self.student
+        return copy.deepcopy(network.backbone).train().requires_grad_(True)
 
     def forward(self, images: Tensor) -> Tensor:
         """Teacher backbone features, the representation DINO evaluates and exports.
@@ -236,6 +276,7 @@ class DINO(pl.LightningModule):
         module's current student and teacher: schedules from step 0 and the centre reset to 0.
         """
         trainer = self.trainer
+        self._check_next_batch = True
         if trainer.global_step == 0:
             self.loss.reset_center()
         self.total_steps = int(trainer.estimated_stepping_batches)
@@ -253,6 +294,15 @@ class DINO(pl.LightningModule):
         if isinstance(scheduler, StepScheduler):
             scheduler.sync(self.global_step)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the crop sizes the run trained on in the checkpoint.
+
+        ``export`` reads them when the data module was not
+        :class:`~lightning_dino.data.MultiCropDataModule` (which saves its own settings).
+        """
+        if self.crop_sizes is not None:
+            checkpoint["crop_sizes"] = self.crop_sizes
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check a checkpoint against this module before Lightning loads it, and settle it.
 
@@ -266,6 +316,13 @@ class DINO(pl.LightningModule):
         Raises:
             ResumeError: If the checkpoint's networks have another shape than this module's.
         """
+        saved = checkpoint.get("hyper_parameters") or {}
+        if saved and "backbone" not in saved and isinstance(self.hparams.get("backbone"), str):
+            raise ResumeError(
+                "this checkpoint was trained with your own nn.Module backbone, which a checkpoint "
+                "cannot rebuild: pass the same module again, e.g. "
+                "DINO.load_from_checkpoint(path, backbone=MyBackbone(...))"
+            )
         if self._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
             return
         path = str(self.trainer.ckpt_path)
@@ -335,25 +392,36 @@ class DINO(pl.LightningModule):
         }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-tensor clip of unscaled gradients, last-layer freeze, centre."""
+        """Per-tensor clip of unscaled gradients, last-layer and backbone freezes, centre."""
         if self.hparams.clip_grad > 0:
             _unscale_fp16_gradients(self.trainer, optimizer)
             clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)
         if self.current_epoch < self.hparams.freeze_last_layer:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
+        if self.global_step < self.hparams.freeze_backbone_steps:
+            for param in self.student.backbone.parameters():
+                param.grad = None
         self.loss.update_center()
 
     # Training ------------------------------------------------------------------------------
 
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """One DINO step: teacher on global crops, student on all crops, loss."""
-        crops = (
-            batch[0] if isinstance(batch, tuple | list) and isinstance(batch[0], list) else batch
-        )
+        """One DINO step: teacher on global crops, student on all crops, loss.
+
+        Batches are ``crops``, ``(crops, labels)`` or ``{"crops": crops, ...}`` (see
+        :func:`~lightning_dino.preflight.crops_of`); a run's first batch is checked against the
+        model whatever data module produced it.
+        """
+        crops = crops_of(batch)
         n_global = self.hparams.n_global_crops
-        if len(crops) < n_global:
-            raise ValueError(f"got {len(crops)} crops but n_global_crops={n_global}")
+        if self._check_next_batch:
+            check_first_batch(self, crops)
+            self._check_next_batch = False
+            self.crop_sizes = {
+                "global": list(crops[0].shape[-2:]),
+                "local": list(crops[n_global].shape[-2:]) if len(crops) > n_global else None,
+            }
         with torch.no_grad():
             teacher_out = self.teacher(crops[:n_global])
         student_out = self.student(crops)
@@ -452,6 +520,7 @@ def _validate(hparams: Any) -> None:
         (hparams.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
         (hparams.n_global_crops in (1, 2), "n_global_crops", "use 1 or 2 global crops"),
         (hparams.freeze_last_layer >= 0, "freeze_last_layer", "use a non-negative epoch count"),
+        (hparams.freeze_backbone_steps >= 0, "freeze_backbone_steps", "use 0 or more steps"),
     ]
     for ok, key, fix in checks:
         if not ok:

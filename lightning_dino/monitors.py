@@ -11,10 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
-
-def batch_crops(batch: Any) -> list[torch.Tensor]:
-    """The crop list of a ``(crops, labels)`` batch or of a bare crop list."""
-    return batch[0] if isinstance(batch, tuple | list) and isinstance(batch[0], list) else batch
+from lightning_dino.preflight import crops_of
 
 
 class ThroughputLogger(Callback):
@@ -37,7 +34,7 @@ class ThroughputLogger(Callback):
         """Log the rate of the previous batch."""
         now = time.perf_counter()
         if self._last is not None:
-            images = batch_crops(batch)[0].shape[0]
+            images = crops_of(batch)[0].shape[0]
             pl_module.log(
                 "train/images_per_sec", images / max(now - self._last, 1e-9), batch_size=images
             )
@@ -69,7 +66,7 @@ class CropGridLogger(Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers or trainer.global_rank != 0:
             return
-        grid = crop_grid(batch_crops(batch), self.n_samples, *_mean_std(trainer))
+        grid = crop_grid(crops_of(batch), self.n_samples, *_mean_std(trainer))
         loggers[0].experiment.add_image("train/crops", grid, global_step=trainer.global_step)
 
 

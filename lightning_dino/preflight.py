@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from lightning_dino.module import DINO
@@ -43,7 +43,7 @@ def check_model_and_data(model: DINO, trainer: pl.Trainer) -> None:
         sizes["local_crop_size"] = data.get("local_crop_size")
     for key, size in sizes.items():
         if size is not None:
-            _check_crop_size(model.student.backbone, key, size)
+            _check_crop_size(model.student.backbone, f"--data.{key}={size}", size)
     batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
     _check_batch_norm(model.student, batch_size, trainer)
 
@@ -105,24 +105,30 @@ def _check_views(model: DINO, data: dict[str, Any]) -> None:
         )
 
 
-def _check_crop_size(backbone: nn.Module, key: str, size: int) -> None:
-    """Run the backbone on one blank ``size`` x ``size`` image; raise a readable error."""
+def _check_crop_size(
+    backbone: nn.Module,
+    what: str,
+    size: int | tuple[int, int],
+    device: torch.device | None = None,
+) -> None:
+    """Run the backbone on one blank image of ``size``; raise a readable error naming ``what``."""
+    height, width = (size, size) if isinstance(size, int) else size
     was_training = backbone.training
     try:
         with torch.no_grad():
             # forward() itself: a backbone compiled in place is not compiled for this shape.
-            features = backbone.eval().forward(torch.zeros(1, 3, size, size))
+            features = backbone.eval().forward(torch.zeros(1, 3, height, width, device=device))
     except Exception as err:  # timm raises AssertionError, RuntimeError, ValueError...
         raise ValueError(
-            f"--data.{key}={size}: the backbone cannot take {size}x{size} crops "
-            f"({type(err).__name__}: {err}); {_size_hint(backbone, size)}"
+            f"{what}: the backbone cannot take {height}x{width} crops "
+            f"({type(err).__name__}: {err}); {_size_hint(backbone, max(height, width))}"
         ) from err
     finally:
         backbone.train(was_training)
     if features.ndim != 2 or features.shape[0] != 1:
         raise ValueError(
-            f"--data.{key}={size}: the backbone returns shape {tuple(features.shape)} for one "
-            f"{size}x{size} image instead of (1, D) features; use a backbone without "
+            f"{what}: the backbone returns shape {tuple(features.shape)} for one "
+            f"{height}x{width} image instead of (1, D) features; use a backbone without "
             "classifier that pools its features (timm models are built with num_classes=0)"
         )
 
@@ -154,3 +160,82 @@ def _check_batch_norm(student: nn.Module, batch_size: int | None, trainer: pl.Tr
         "device; use --data.batch_size >= 2 (or, on several devices, --trainer.sync_batchnorm "
         "true), or a backbone without BatchNorm such as a ViT"
     )
+
+
+BATCH_FORMATS = (
+    "a list of crops [global_1, global_2, local_1, ...], each a (B, C, H, W) tensor, globals "
+    "first; a tuple/list (crops, labels); or a dict with the crops under 'crops'"
+)
+
+
+def crops_of(batch: Any) -> list[Tensor]:
+    """The list of crop tensors in a training batch, in any of the accepted formats.
+
+    Args:
+        batch: ``crops``, ``(crops, labels)`` / ``[crops, labels]``, or ``{"crops": crops, ...}``.
+
+    Returns:
+        The crops: (B, C, H, W) tensors, global crops first.
+
+    Raises:
+        TypeError: If the batch is none of these, naming what was received.
+    """
+    if isinstance(batch, dict):
+        crops = batch.get("crops")
+    elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], tuple | list):
+        crops = batch[0]
+    else:
+        crops = batch
+    if isinstance(crops, tuple | list) and crops and all(_is_image_batch(c) for c in crops):
+        return list(crops)
+    raise TypeError(f"a DINO training batch must be {BATCH_FORMATS}; got {_describe(batch)}")
+
+
+def check_first_batch(model: DINO, crops: list[Tensor]) -> None:
+    """Check a run's first batch against the model, whatever data module produced it.
+
+    The same checks as :func:`check_model_and_data` makes on ``MultiCropDataModule`` settings,
+    on the batch itself: enough views, one batch size, and every crop size run once through the
+    student backbone (a blank image each).
+
+    Args:
+        model: The DINO module.
+        crops: The first batch's crops.
+
+    Raises:
+        ValueError: Naming the problem in the batch and the fix.
+    """
+    n_global = model.hparams.n_global_crops
+    if len(crops) < max(2, n_global):
+        raise ValueError(
+            f"the training batches hold {len(crops)} crop(s) per image, but DINO needs the "
+            f"{n_global} global crop(s) first and at least 2 views in all ({BATCH_FORMATS})"
+        )
+    sizes = {tuple(c.shape[-2:]) for c in crops}
+    batch_sizes = {c.shape[0] for c in crops}
+    if len(batch_sizes) > 1:
+        raise ValueError(f"the crops of one batch have different batch sizes {sorted(batch_sizes)}")
+    device = next(model.student.backbone.parameters()).device
+    for height, width in sorted(sizes):
+        _check_crop_size(
+            model.student.backbone,
+            f"crops of {height}x{width} in your training batches",
+            (height, width),
+            device,
+        )
+
+
+def _is_image_batch(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 4
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, tuple | list):
+        inner = ", ".join(_describe(item) for item in list(batch)[:3])
+        more = ", ..." if len(batch) > 3 else ""
+        return f"a {type(batch).__name__} of {len(batch)} ({inner}{more})"
+    return type(batch).__name__

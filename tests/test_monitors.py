@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lightning_dino.monitors import ThroughputLogger, batch_crops, crop_grid
+from lightning_dino.monitors import ThroughputLogger, crop_grid
+from lightning_dino.preflight import crops_of
 
 
 def test_crop_grid_rows_and_denormalisation():
@@ -13,10 +14,14 @@ def test_crop_grid_rows_and_denormalisation():
     assert torch.allclose(grid[:, 1:9, 19:27], torch.full((3, 8, 8), 0.75))  # local crop upsampled
 
 
-def test_batch_crops_accepts_both_layouts():
-    crops = [torch.zeros(2, 3, 4, 4)]
-    assert batch_crops((crops, torch.zeros(2))) is crops
-    assert batch_crops(crops) is crops
+def test_crops_of_accepts_every_batch_layout():
+    crops = [torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 2, 2)]
+    for batch in ((crops, torch.zeros(2)), [crops, torch.zeros(2)], crops, {"crops": crops, "label": 0}):
+        got = crops_of(batch)
+        assert len(got) == 2 and all(a is b for a, b in zip(got, crops, strict=True))
+    for bad in (torch.zeros(2, 3, 4, 4), {"images": crops}, [torch.zeros(2, 3)], "crops"):
+        with pytest.raises(TypeError, match="a DINO training batch must be"):
+            crops_of(bad)
 
 
 def test_throughput_logger_measures_images_per_second(monkeypatch):

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -171,8 +171,15 @@ class KNNMonitor(Callback):
     every rank computes the same accuracy. It is logged with ``sync_dist=False`` from every rank so
     that ``ModelCheckpoint(monitor="knn/top1")`` works on all of them.
 
-    When the data module has no labels (``has_labels`` False) or is missing, the callback logs one
-    info message and does nothing.
+    Where the labelled images come from, first match wins:
+
+    1. ``train_dataloader`` / ``val_dataloader`` given here (any loaders of ``(images, labels)``
+       batches, e.g. your own data module's evaluation loaders);
+    2. the trainer's data module, if it has ``knn_train_dataloader()`` and
+       ``knn_val_dataloader()`` (and ``has_labels`` is not False); ``num_classes`` is read when
+       present. :class:`~lightning_dino.data.MultiCropDataModule` provides these.
+
+    With neither, the callback warns once, saying how to give it data, and does nothing.
 
     Args:
         every_n_epochs: Evaluate after every n-th training epoch.
@@ -180,6 +187,9 @@ class KNNMonitor(Callback):
         temperature: Vote weight temperature.
         max_train_samples: Use a fixed random subset (seed 0) of at most this many training
             samples as the neighbour bank; all of them when None.
+        train_dataloader: Labelled neighbour bank: batches ``(images (B, 3, H, W), labels (B,))``.
+        val_dataloader: Labelled queries, same format.
+        num_classes: Number of classes (default: the largest label + 1).
 
     Attributes:
         last_top1: Latest top-1 accuracy in [0, 1], None before the first evaluation.
@@ -195,9 +205,17 @@ class KNNMonitor(Callback):
         k: int = 20,
         temperature: float = 0.07,
         max_train_samples: int | None = None,
+        train_dataloader: DataLoader | None = None,
+        val_dataloader: DataLoader | None = None,
+        num_classes: int | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"KNNMonitor: every_n_epochs must be >= 1, got {every_n_epochs}")
+        if (train_dataloader is None) != (val_dataloader is None):
+            raise ValueError("KNNMonitor: give both train_dataloader and val_dataloader or none")
+        self.train_dataloader = train_dataloader
+        self.val_dataloader = val_dataloader
+        self.num_classes = num_classes
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
@@ -226,24 +244,42 @@ class KNNMonitor(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Compute and store the accuracies; return False when there is nothing to evaluate."""
-        datamodule = getattr(trainer, "datamodule", None)
-        if not getattr(datamodule, "has_labels", False):
-            if not self._disabled:
-                rank_zero_info("KNNMonitor: the data module has no labels; k-NN evaluation is off.")
-            self._disabled = True
+        loaders = self._loaders(trainer)
+        if loaders is None:
             return False
+        train_loader, val_loader, num_classes = loaders
         backbone = pl_module.teacher.backbone
-        train_loader = datamodule.knn_train_dataloader()
         subset = self._train_subset(len(train_loader.dataset))
         with trainer.precision_plugin.forward_context():
             train = _embed_all(trainer, pl_module, backbone, train_loader, subset)
-            test = _embed_all(trainer, pl_module, backbone, datamodule.knn_val_dataloader(), None)
-        num_classes = getattr(datamodule, "num_classes", None)
+            test = _embed_all(trainer, pl_module, backbone, val_loader, None)
         self.last_top1, self.last_top5 = knn_accuracy(
             *train, *test, k=self.k, temperature=self.temperature, num_classes=num_classes
         )
         self._evaluated_at_step = trainer.global_step
         return True
+
+    def _loaders(self, trainer: pl.Trainer) -> tuple[DataLoader, DataLoader, int | None] | None:
+        """The labelled bank and query loaders and the class count, or None (warned once)."""
+        if self.train_dataloader is not None and self.val_dataloader is not None:
+            return self.train_dataloader, self.val_dataloader, self.num_classes
+        datamodule = getattr(trainer, "datamodule", None)
+        has_protocol = all(
+            callable(getattr(datamodule, name, None))
+            for name in ("knn_train_dataloader", "knn_val_dataloader")
+        )
+        if has_protocol and getattr(datamodule, "has_labels", True):
+            num_classes = self.num_classes or getattr(datamodule, "num_classes", None)
+            return datamodule.knn_train_dataloader(), datamodule.knn_val_dataloader(), num_classes
+        if not self._disabled:
+            reason = "has no labels" if has_protocol else "has no knn_train/val_dataloader()"
+            rank_zero_warn(
+                f"KNNMonitor: the data module {reason}, so k-NN evaluation is off. Give the "
+                "callback labelled loaders: KNNMonitor(train_dataloader=..., "
+                "val_dataloader=...), batches (images, labels)."
+            )
+        self._disabled = True
+        return None
 
     def _train_subset(self, size: int) -> list[int] | None:
         """Sorted indices of a fixed random subset of a bank of ``size``, or None for all of it."""
