@@ -1,6 +1,6 @@
 """The ``lightning-dino`` command.
 
-``fit`` / ``validate`` / ``test`` / ``predict`` go to LightningCLI (``DINO`` +
+``fit`` goes to LightningCLI (``DINO`` +
 ``MultiCropDataModule``, keys ``--model.*``, ``--data.*``, ``--trainer.*``); the tools
 (``export``, ``knn``...) are plain functions whose typed arguments jsonargparse turns into flags.
 """
@@ -40,6 +40,14 @@ class DINOCLI(LightningCLI):
     reload the checkpoint's over it). The module then warns once with every value that differs
     from the checkpoint, and refuses, naming the key, a change of the networks' shape.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: DINO has no validation, test or predict step to run.
+
+        Evaluation is the ``knn`` and ``probe`` tools (and ``KNNMonitor`` during training).
+        """
+        return {"fit": LightningCLI.subcommands()["fit"]}
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse as LightningCLI does, keeping the arguments to tell what the user set."""
@@ -155,7 +163,7 @@ def _overview() -> str:
         f"lightning-dino {__version__}: DINO self-supervised pre-training.\n\n"
         "Training (LightningCLI; `lightning-dino fit --help` lists every key):\n"
         "  fit        train: lightning-dino fit --config configs/quickstart.yaml\n"
-        "  validate, test, predict\n\n"
+        "  (evaluation: the knn and probe tools; DINO has no validation loop)\n\n"
         f"Tools (`lightning-dino TOOL --help`):\n{tools}\n"
     )
 

@@ -256,3 +256,10 @@ def test_settle_epoch_end_only_changes_end_of_epoch_states(one_epoch_checkpoint)
     assert fit_loop["epoch_loop.batch_progress"]["current"]["completed"] == 0
     assert not fit_loop["epoch_loop.batch_progress"]["is_last_batch"]
     assert not settle_epoch_end(checkpoint)  # already settled: nothing to do
+
+
+def test_only_fit_is_offered_since_dino_has_no_validation_step(capsys, _bare_argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(CONF / "tiny_vit.yaml")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err
