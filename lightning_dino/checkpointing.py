@@ -42,6 +42,8 @@ class DINOCheckpoint(ModelCheckpoint):
       in the same directory, flushed to disk, then renamed over the target with ``os.replace``; a
       run killed while saving leaves the previous file intact (and at worst a stray
       ``.NAME.partial``). Remote paths (``s3://``...) use Lightning's own writer.
+    * **Last is last**: with ``save_last``, ``last.ckpt`` is written at every epoch end, also
+      when a ``monitor`` saw no improvement (Lightning would then skip it).
     * **Step checkpoints**: with ``save_last``, ``last.ckpt`` is also rewritten every
       ``last_every_n_train_steps`` optimizer steps, so a run killed mid-epoch loses at most
       about that many steps. The refresh skips an epoch's last step, which the epoch-end
@@ -114,8 +116,21 @@ class DINOCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save as configured; then stop if a signal arrived during the epoch's last step."""
+        """Save as configured, keep ``last.ckpt`` at the epoch's end, then honour a signal.
+
+        Lightning refreshes ``last.ckpt`` at an epoch's end only when a monitored checkpoint was
+        saved too; with ``monitor`` set and no improvement it would stay epochs behind, and
+        ``--ckpt_path last`` would lose them. Here it is written at every epoch end.
+        """
         super().on_train_epoch_end(trainer, pl_module)
+        if (
+            self.save_last is True
+            and self._last_global_step_saved != trainer.global_step
+            and not trainer.fast_dev_run
+            and not trainer.sanity_checking
+            and self._should_save_on_train_epoch_end(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._stop_if_signalled(trainer)
 
     def on_train_batch_end(

@@ -263,3 +263,14 @@ def test_only_fit_is_offered_since_dino_has_no_validation_step(capsys, _bare_arg
         main(["validate", "--config", str(CONF / "tiny_vit.yaml")])
     assert exit_info.value.code == 2
     assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err
+
+
+def test_last_ckpt_follows_every_epoch_end_even_when_a_monitor_saw_no_improvement(tmp_path):
+    from lightning_dino import DINOCheckpoint
+
+    # A constant metric (the teacher temperature) improves only once: top-k saves epoch 0 alone.
+    checkpoint = DINOCheckpoint(dirpath=tmp_path, monitor="train/teacher_temp", save_top_k=1, save_last=True)
+    trainer = make_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[checkpoint], log_every_n_steps=1)
+    trainer.fit(DINO(**TINY_VIT, warmup_epochs=0), CropData(batch_size=4, n=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == trainer.global_step == 6
