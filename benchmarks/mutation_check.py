@@ -66,7 +66,7 @@ BUGS: dict[str, Bug] = {
         "(c) centre updated with this batch before the loss is computed",
         "lightning_dino/loss.py",
         "            loss, teacher_raw = self._pairwise_cross_entropy(student_out, teacher_out, teacher_temp)\n"
-        "            if self.training:\n"
+        "            if self.training and self.centering == \"center\":\n"
         "                self.accumulate_center(teacher_raw)\n"
         "                if not self.defer_center_update:\n"
         "                    self.update_center()\n",
@@ -78,8 +78,8 @@ BUGS: dict[str, Bug] = {
     "decay_on_biases": Bug(
         "(d) weight decay applied to biases (parameter_groups)",
         "lightning_dino/module.py",
-        'if name.endswith(".bias") or param.ndim == 1:',
-        'if param.ndim == 1 and not name.endswith(".bias"):  # planted bug: biases decay',
+        'decays = not (name.endswith(".bias") or param.ndim == 1)',
+        'decays = not (param.ndim == 1 and not name.endswith(".bias"))  # planted bug: biases decay',
     ),
     "global_clip": Bug(
         "(e) global-norm clip instead of per-tensor",

@@ -17,11 +17,14 @@ from lightning_dino.eval import (
 )
 from lightning_dino.export import export_backbone, load_backbone
 from lightning_dino.head import DINOHead
+from lightning_dino.ibot import iBOTPatchLoss
+from lightning_dino.koleo import KoLeoLoss
 from lightning_dino.loss import DINOLoss
 from lightning_dino.module import DINO
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.preemption import TrainingInterrupted
 from lightning_dino.schedules import StepScheduler
+from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
 from lightning_dino.teacher import TeacherEMA, ema_update
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "DINOLoss",
     "EpochSampler",
     "KNNMonitor",
+    "KoLeoLoss",
     "LinearProbe",
     "MultiCropDataModule",
     "MultiCropTransform",
@@ -49,7 +53,9 @@ __all__ = [
     "ema_update",
     "embed_images",
     "export_backbone",
+    "iBOTPatchLoss",
     "knn_accuracy",
     "load_backbone",
     "load_embeddings",
+    "sinkhorn_knopp",
 ]

@@ -236,6 +236,17 @@ class MultiCropNetwork(nn.Module):
         Returns:
             Logits of shape (n_crops, B, K).
         """
+        return self.forward_with_features(crops)[0]
+
+    def forward_with_features(self, crops: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Project every crop and keep the backbone features too (for KoLeo).
+
+        Args:
+            crops: List of n_crops tensors of shape (B, C, H_i, W_i), crop-major.
+
+        Returns:
+            ``(logits (n_crops, B, K), features (n_crops, B, D))``.
+        """
         batch = crops[0].shape[0]
         features = []
         start = 0
@@ -246,8 +257,9 @@ class MultiCropNetwork(nn.Module):
             group = crops[start] if end == start + 1 else torch.cat(crops[start:end])
             features.append(self.backbone(group))
             start = end
-        logits = self.head(torch.cat(features) if len(features) > 1 else features[0])
-        return logits.reshape(len(crops), batch, -1)
+        flat = torch.cat(features) if len(features) > 1 else features[0]
+        logits = self.head(flat)
+        return logits.reshape(len(crops), batch, -1), flat.reshape(len(crops), batch, -1)
 
 
 def build_student_teacher(

@@ -6,12 +6,13 @@ Eq. 3-4 and Algorithm 1; the official `DINOLoss` in facebookresearch/dino `main_
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_dino.precision import full_precision
+from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
 
 
 class DINOLoss(nn.Module):
@@ -33,6 +34,9 @@ class DINOLoss(nn.Module):
         student_temp: Student softmax temperature tau_s.
         center_momentum: EMA momentum of the centre (0.9 in the paper; 0.999 collapses; 1.0
             never moves the centre from 0, i.e. no centring, for ablations).
+        centering: ``"center"`` (DINO: subtract the EMA centre, softmax at ``teacher_temp``) or
+            ``"sinkhorn_knopp"`` (DINOv2's option: 3 Sinkhorn-Knopp iterations over all global
+            crops of the batch, every rank's; the centre is then not used).
 
     Attributes:
         center: Buffer of shape (1, K).
@@ -50,9 +54,16 @@ class DINOLoss(nn.Module):
     _pending_count: Tensor
 
     def __init__(
-        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
     ) -> None:
         super().__init__()
+        if centering not in ("center", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be center or sinkhorn_knopp, got {centering!r}")
+        self.centering = centering
         if out_dim < 2:
             raise ValueError(f"out_dim must be >= 2 for a softmax over prototypes, got {out_dim}")
         if not 0.0 <= center_momentum <= 1.0:
@@ -91,7 +102,7 @@ class DINOLoss(nn.Module):
             raise ValueError("the DINO loss needs at least 2 crops (no pair with v != t)")
         with full_precision(student_out.device):
             loss, teacher_raw = self._pairwise_cross_entropy(student_out, teacher_out, teacher_temp)
-            if self.training:
+            if self.training and self.centering == "center":
                 self.accumulate_center(teacher_raw)
                 if not self.defer_center_update:
                     self.update_center()
@@ -104,7 +115,11 @@ class DINOLoss(nn.Module):
         n_global, n_crops = teacher_out.shape[0], student_out.shape[0]
         log_p_student = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
         teacher_raw = teacher_out.detach().float()
-        p_teacher = F.softmax((teacher_raw - self.center.float()) / teacher_temp, dim=-1)
+        if self.centering == "sinkhorn_knopp":
+            flat = teacher_raw.reshape(-1, teacher_raw.shape[-1])
+            p_teacher = sinkhorn_knopp(flat, teacher_temp).reshape(teacher_raw.shape)
+        else:
+            p_teacher = F.softmax((teacher_raw - self.center.float()) / teacher_temp, dim=-1)
         # ce[t, v] = batch mean of -sum_k p_t * log p_v for every (teacher view, student view).
         ce = -torch.einsum("tbk,vbk->tv", p_teacher, log_p_student) / student_out.shape[1]
         same_view = torch.eye(n_global, n_crops, dtype=torch.bool, device=ce.device)
@@ -148,18 +163,3 @@ class DINOLoss(nn.Module):
         self._pending_sum.zero_()
         self._pending_count.zero_()
 
-
-def full_precision(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Switch autocast off on ``device`` so the ops inside run in the dtype of their inputs.
-
-    Mixed precision (``bf16-mixed``, ``16-mixed``) autocasts matrix products such as the loss's
-    pairing ``einsum`` to 16 bits; every loss term and its statistics are computed inside this
-    context on fp32 inputs instead.
-
-    Args:
-        device: The device of the tensors (its type selects the autocast to disable).
-
-    Returns:
-        A context manager.
-    """
-    return torch.autocast(device_type=device.type, enabled=False)

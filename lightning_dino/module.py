@@ -15,8 +15,10 @@ from torch import Tensor, nn
 from lightning_dino.backbones import build_student_teacher, is_vit
 from lightning_dino.checkpointing import RandomStateCallback
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
-from lightning_dino.loss import DINOLoss, full_precision
+from lightning_dino.koleo import KoLeoLoss
+from lightning_dino.loss import DINOLoss
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.precision import full_precision
 from lightning_dino.preflight import (
     check_first_batch,
     check_model_and_data,
@@ -36,31 +38,78 @@ from lightning_dino.teacher import TeacherEMA
 Batch = tuple[list[Tensor], Tensor] | list[Tensor] | dict[str, Any]
 
 
-def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
+def parameter_groups(
+    module: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
     """Split trainable parameters into a weight-decay group and a no-decay group.
 
     As in the reference: biases and every 1-D parameter (norm weights) get no weight decay; all
     other trainable parameters (``cls_token`` and ``pos_embed`` included) do.
 
+    With ``layerwise_decay`` < 1 (DINOv2's layer-wise learning-rate decay, for ViT backbones
+    with ``blocks``), each parameter's learning rate is scaled by
+    ``layerwise_decay ** (n_blocks + 1 - layer)``: layer 0 for the embeddings (patch embedding,
+    position embedding, class and register tokens), ``i + 1`` for block ``i``, ``n_blocks + 1``
+    for everything else (final norm, head); patch-embedding parameters also by
+    ``patch_embed_lr_mult``. Parameters with the same scale share a group, whose ``lr_scale``
+    :class:`~lightning_dino.schedules.StepScheduler` applies.
+
     Args:
-        module: The network whose trainable parameters are grouped.
+        module: The network whose trainable parameters are grouped (``backbone`` + ``head``).
+        layerwise_decay: Per-layer learning-rate decay; 1.0 (default) disables it.
+        patch_embed_lr_mult: Extra learning-rate factor of the patch embedding (0.2 in DINOv2).
 
     Returns:
-        ``[{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay",
-        "weight_decay": 0.0}]``.
+        Groups with ``params``, ``name``, ``lr_scale`` and ``weight_decay`` (0.0 for the no-decay
+        groups). Without layer-wise scaling exactly two: ``"decay"`` and ``"no_decay"``.
     """
-    decay, no_decay = [], []
+    n_blocks = len(getattr(getattr(module, "backbone", module), "blocks", []))
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        decays = not (name.endswith(".bias") or param.ndim == 1)
+        scale = layerwise_lr_scale(name, n_blocks, layerwise_decay, patch_embed_lr_mult)
+        groups.setdefault((decays, scale), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
+    single_scale = len({scale for _, scale in groups}) <= 1
     return [
-        {"params": decay, "name": "decay"},
-        {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
+        {
+            "params": params,
+            "name": ("decay" if decays else "no_decay") + ("" if single_scale else f"/{scale:.4g}"),
+            "lr_scale": scale,
+            "apply_weight_decay": decays,
+            **({} if decays else {"weight_decay": 0.0}),
+        }
+        for (decays, scale), params in ordered
     ]
+
+
+def layerwise_lr_scale(
+    name: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float = 1.0
+) -> float:
+    """The learning-rate factor of parameter ``name`` of a student (``backbone.*`` / ``head.*``).
+
+    Args:
+        name: The parameter's name in the student network.
+        n_blocks: Number of transformer blocks of the backbone (0: no layer-wise scaling).
+        layerwise_decay: Per-layer decay factor (DINOv2: 0.9).
+        patch_embed_lr_mult: Extra factor of the patch embedding.
+
+    Returns:
+        ``layerwise_decay ** (n_blocks + 1 - layer)`` times the patch-embedding factor.
+    """
+    layer = n_blocks + 1
+    if n_blocks and name.startswith("backbone."):
+        inner = name.removeprefix("backbone.")
+        if inner.split(".")[0] in ("pos_embed", "patch_embed", "cls_token", "reg_token"):
+            layer = 0
+        elif inner.startswith("blocks."):
+            layer = int(inner.split(".")[1]) + 1
+    scale = layerwise_decay ** (n_blocks + 1 - layer)
+    if "patch_embed" in name:
+        scale *= patch_embed_lr_mult
+    return scale
 
 
 @torch.no_grad()
@@ -112,6 +161,14 @@ class DINO(pl.LightningModule):
         teacher_temp: Teacher temperature after the warmup.
         warmup_teacher_temp: Teacher temperature at epoch 0.
         warmup_teacher_temp_epochs: Epochs of linear teacher-temperature warmup (per epoch).
+        centering: How the teacher's targets are centred: ``"center"`` (DINO's EMA centre) or
+            ``"sinkhorn_knopp"`` (DINOv2's option, 3 iterations over the global batch).
+        koleo_loss_weight: Weight of DINOv2's KoLeo regulariser on the student's backbone
+            features of each global crop (0 = off; 0.1 in DINOv2).
+        layerwise_decay: DINOv2's layer-wise learning-rate decay for ViT backbones (0.9 in
+            DINOv2; 1.0 = off, the DINO reference): block i trains at
+            ``decay ** (n_blocks - i)`` times the lr, the embeddings at ``decay ** (n_blocks + 1)``.
+        patch_embed_lr_mult: Extra learning-rate factor of the patch embedding (0.2 in DINOv2).
         center_momentum: EMA momentum of the loss centre; 1.0 keeps the centre at 0 (no
             centring, for ablations).
         momentum_teacher: Teacher EMA momentum at step 0; cosine to ``momentum_teacher_end``.
@@ -162,6 +219,10 @@ class DINO(pl.LightningModule):
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: int = 0,
         center_momentum: float = 0.9,
+        centering: Literal["center", "sinkhorn_knopp"] = "center",
+        koleo_loss_weight: float = 0.0,
+        layerwise_decay: float = 1.0,
+        patch_embed_lr_mult: float = 1.0,
         momentum_teacher: float = 0.996,
         momentum_teacher_end: float = 1.0,
         lr: float = 0.0005,
@@ -201,7 +262,10 @@ class DINO(pl.LightningModule):
                 network.backbone.to(memory_format=torch.channels_last)
             if compile:
                 network.backbone.compile(dynamic=False)
-        self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.loss = DINOLoss(
+            out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
+        )
+        self.koleo = KoLeoLoss()
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
         self._brought_callbacks: list[Callback] = []
@@ -379,7 +443,9 @@ class DINO(pl.LightningModule):
         Lightning steps after every optimizer step (``LearningRateMonitor`` logs what each step
         used); :meth:`on_train_start` sets them for the step the run starts at.
         """
-        groups = parameter_groups(self.student)
+        groups = parameter_groups(
+            self.student, self.hparams.layerwise_decay, self.hparams.patch_embed_lr_mult
+        )
         if self.hparams.optimizer == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
         else:
@@ -424,9 +490,18 @@ class DINO(pl.LightningModule):
             }
         with torch.no_grad():
             teacher_out = self.teacher(crops[:n_global])
-        student_out = self.student(crops)
+        koleo_weight = self.hparams.koleo_loss_weight
+        if koleo_weight > 0:
+            student_out, features = self.student.forward_with_features(crops)
+        else:
+            student_out = self.student(crops)
         temp = self.teacher_temp(self.current_epoch)
-        loss = self.loss(student_out, teacher_out, temp)
+        dino_loss = self.loss(student_out, teacher_out, temp)
+        terms = {"train/dino_loss": dino_loss}
+        if koleo_weight > 0:
+            # Per global crop, so that two crops of one image are never neighbours (DINOv2).
+            terms["train/koleo_loss"] = sum(self.koleo(f) for f in features[:n_global])
+        loss = dino_loss + koleo_weight * terms.get("train/koleo_loss", 0.0)
         # Decided together, so that every process stops (one process raising alone would leave
         # the others waiting in the next collective).
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
@@ -438,6 +513,8 @@ class DINO(pl.LightningModule):
             )
         batch_size = crops[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        if len(terms) > 1:
+            self.log_dict(terms, batch_size=batch_size, sync_dist=True)
         # The epoch mean, for ModelCheckpoint / EarlyStopping (train/loss is each step's value).
         self.log(
             "train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch_size,
@@ -518,6 +595,14 @@ def _validate(hparams: Any) -> None:
         (hparams.min_lr >= 0, "min_lr", "use a non-negative value"),
         (hparams.warmup_epochs >= 0, "warmup_epochs", "use a non-negative number of epochs"),
         (hparams.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
+        (hparams.koleo_loss_weight >= 0, "koleo_loss_weight", "use 0 (off) or a weight (0.1)"),
+        (0 < hparams.layerwise_decay <= 1, "layerwise_decay", "use a value in (0, 1] (0.9)"),
+        (hparams.patch_embed_lr_mult > 0, "patch_embed_lr_mult", "use a positive factor (0.2)"),
+        (
+            hparams.centering in ("center", "sinkhorn_knopp"),
+            "centering",
+            "use center or sinkhorn_knopp",
+        ),
         (hparams.n_global_crops in (1, 2), "n_global_crops", "use 1 or 2 global crops"),
         (hparams.freeze_last_layer >= 0, "freeze_last_layer", "use a non-negative epoch count"),
         (hparams.freeze_backbone_steps >= 0, "freeze_backbone_steps", "use 0 or more steps"),

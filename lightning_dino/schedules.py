@@ -88,7 +88,8 @@ class StepScheduler(LRScheduler):
     change of the run length), and the saved state is only the step counter.
 
     Args:
-        optimizer: The optimizer; groups named ``"decay"`` get the weight decay, others 0.
+        optimizer: The optimizer; groups with ``apply_weight_decay`` (or named ``"decay"``) get
+            the weight decay, others 0; a group's ``lr_scale`` (default 1) scales its lr.
         lr_at: Learning rate of a zero-based optimizer step.
         weight_decay_at: Weight decay of a zero-based optimizer step.
     """
@@ -104,8 +105,9 @@ class StepScheduler(LRScheduler):
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        """The learning rate of step ``last_epoch`` for every parameter group."""
-        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
+        """The learning rate of step ``last_epoch`` for every group, times its ``lr_scale``."""
+        lr = self.lr_at(self.last_epoch)
+        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
 
     def step(self, epoch: int | None = None) -> None:
         """Move to the next step and set its learning rate and weight decay."""
@@ -141,4 +143,5 @@ class StepScheduler(LRScheduler):
     def _set_weight_decay(self) -> None:
         wd = self.weight_decay_at(self.last_epoch)
         for group in self.optimizer.param_groups:
-            group["weight_decay"] = wd if group.get("name") == "decay" else 0.0
+            decays = group.get("apply_weight_decay", group.get("name") == "decay")
+            group["weight_decay"] = wd if decays else 0.0

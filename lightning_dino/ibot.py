@@ -1,0 +1,123 @@
+"""The iBOT masked-patch loss (DINOv2's patch-level term) and its teacher targets.
+
+Reference: Zhou et al., *iBOT: Image BERT Pre-Training with Online Tokenizer*, ICLR 2022;
+Oquab et al., *DINOv2*, TMLR 2024; ``iBOTPatchLoss`` of facebookresearch/dinov2
+``dinov2/loss/ibot_patch_loss.py`` (``forward_masked``, ``softmax_center_teacher``,
+``update_center``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dino.precision import full_precision
+
+
+class iBOTPatchLoss(nn.Module):
+    """Cross-entropy between teacher and student patch distributions at masked patches.
+
+    The student sees a global crop with some patch tokens replaced by a mask token; the teacher
+    sees the whole crop. For every masked patch the loss is ``-sum_k p_t log softmax(s / tau_s)``;
+    each image's masked patches are averaged, the images summed and divided by the batch size
+    (every image counts equally, masked or not, as in DINOv2). Everything runs in fp32.
+
+    The teacher targets come from :meth:`teacher_probs` (centred with this loss's own EMA centre,
+    sharpened by the teacher temperature) or from
+    :func:`~lightning_dino.sinkhorn_knopp.sinkhorn_knopp`.
+
+    Args:
+        out_dim: Number of prototypes K of the patch head.
+        student_temp: Student temperature (0.1).
+        center_momentum: EMA momentum of the patch centre (0.9).
+
+    Attributes:
+        center: Buffer (1, K): EMA of the raw teacher patch logits.
+
+    Examples:
+        >>> loss_fn = iBOTPatchLoss(out_dim=16)
+        >>> masks = torch.zeros(2, 4, dtype=torch.bool)
+        >>> masks[0, :2] = True
+        >>> targets = loss_fn.teacher_probs(torch.randn(2, 16), teacher_temp=0.07)
+        >>> loss = loss_fn(torch.randn(2, 16), targets, masks)
+    """
+
+    center: Tensor
+
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__()
+        if out_dim < 2 or student_temp <= 0 or not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(
+                "iBOTPatchLoss needs out_dim >= 2, student_temp > 0 and center_momentum in "
+                f"[0, 1]; got {out_dim}, {student_temp}, {center_momentum}"
+            )
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(
+        self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, masks: Tensor
+    ) -> Tensor:
+        """The loss over the masked patches of a batch.
+
+        Args:
+            student_patch_logits: Student head outputs at the masked positions (M, K), in the
+                order of ``masks.nonzero()`` (image-major).
+            teacher_patch_probs: Teacher probabilities at the same positions (M, K).
+            masks: Boolean (B, N): which of each image's N patches were masked; M = masks.sum().
+
+        Returns:
+            Scalar fp32 loss.
+        """
+        masks = masks.bool()
+        n_masked = int(masks.sum())
+        if student_patch_logits.shape != teacher_patch_probs.shape or (
+            student_patch_logits.shape[0] != n_masked
+        ):
+            raise ValueError(
+                "expected student logits and teacher probabilities of shape (M, K) with M = "
+                f"masks.sum() = {n_masked}; got {tuple(student_patch_logits.shape)} and "
+                f"{tuple(teacher_patch_probs.shape)}"
+            )
+        with full_precision(student_patch_logits.device):
+            log_p = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
+            per_patch = (teacher_patch_probs.float() * log_p).sum(dim=-1)  # (M,)
+            per_image = masks.sum(dim=-1).clamp(min=1).float()  # (B,)
+            weights = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]  # (M,)
+            return -(per_patch * weights).sum() / masks.shape[0]
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_patch_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Centred, sharpened teacher targets: ``softmax((t - center) / teacher_temp)``.
+
+        Args:
+            teacher_patch_logits: Raw teacher patch logits (..., K).
+            teacher_temp: Teacher temperature.
+
+        Returns:
+            fp32 probabilities of the same shape.
+        """
+        with full_precision(teacher_patch_logits.device):
+            centred = teacher_patch_logits.float() - self.center.float()
+            return F.softmax(centred / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_logits: Tensor) -> None:
+        """``center <- m center + (1 - m) mean`` of the raw teacher patch logits, over all ranks.
+
+        Args:
+            teacher_patch_logits: Raw teacher logits of the patches the loss used (M, K).
+        """
+        with full_precision(teacher_patch_logits.device):
+            flat = teacher_patch_logits.float().reshape(-1, self.out_dim)
+            stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(stats)
+            if stats[-1] > 0:
+                mean = (stats[:-1] / stats[-1]).unsqueeze(0)
+                self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)

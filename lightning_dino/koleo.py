@@ -1,0 +1,57 @@
+"""The KoLeo regulariser of DINOv2: spread the student's features uniformly over the sphere.
+
+Reference: Oquab et al., *DINOv2: Learning Robust Visual Features without Supervision*, TMLR
+2024, section 4 ("KoLeo regularizer", after Sablayrolles et al. 2019); ``KoLeoLoss`` in
+facebookresearch/dinov2 ``dinov2/loss/koleo_loss.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dino.precision import full_precision
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy estimator: ``-mean_i log(||x_i - x_nn(i)|| + eps)``.
+
+    The rows are L2-normalised first; ``nn(i)`` is the row with the largest inner product with
+    row i among the others. Minimising the loss pushes every feature away from its nearest
+    neighbour. DINOv2 applies it to the student's class tokens (before the head), separately per
+    global crop so that two crops of one image are never neighbours, with weight 0.1. Computed
+    in fp32 whatever the autocast.
+
+    Args:
+        eps: Added to the norms (normalisation and distance), as DINOv2's 1e-8.
+
+    Examples:
+        >>> loss = KoLeoLoss()(torch.randn(16, 32))
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The loss of a batch of features.
+
+        Args:
+            x: Features (B, D), B >= 2.
+
+        Returns:
+            Scalar fp32 loss.
+
+        Raises:
+            ValueError: If there are fewer than 2 rows (no neighbour; DINOv2 gives NaN).
+        """
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"KoLeoLoss needs (B, D) features with B >= 2, got {tuple(x.shape)}")
+        with full_precision(x.device):
+            x = F.normalize(x.float(), p=2, dim=-1, eps=self.eps)
+            dots = x @ x.T
+            dots.fill_diagonal_(-2.0)  # below any inner product of unit vectors: never chosen
+            neighbour = dots.argmax(dim=1)
+            distances = torch.linalg.vector_norm(x - x[neighbour], dim=-1)
+            return -torch.log(distances + self.eps).mean()
