@@ -77,7 +77,7 @@ BUGS: dict[str, Bug] = {
     ),
     "decay_on_biases": Bug(
         "(d) weight decay applied to biases (parameter_groups)",
-        "lightning_dino/module.py",
+        "lightning_dino/optimization.py",
         'decays = not (name.endswith(".bias") or param.ndim == 1)',
         'decays = not (param.ndim == 1 and not name.endswith(".bias"))  # planted bug: biases decay',
     ),
@@ -97,8 +97,8 @@ BUGS: dict[str, Bug] = {
     "teacher_forward_with_grad": Bug(
         "(x1) teacher called without no_grad in training_step",
         "lightning_dino/module.py",
-        "        with torch.no_grad():\n            teacher_out = self.teacher(crops[:n_global])\n",
-        "        if True:  # planted bug: autograd on\n            teacher_out = self.teacher(crops[:n_global])\n",
+        "            with torch.no_grad():\n                teacher_out = self.teacher(crops[:n_global])\n",
+        "            if True:  # planted bug: autograd on\n                teacher_out = self.teacher(crops[:n_global])\n",
     ),
     "teacher_requires_grad": Bug(
         "(x2) teacher parameters left trainable",

@@ -174,6 +174,14 @@ def feature_grid_of(backbone: nn.Module) -> int:
     return 0
 
 
+def feature_width(vit: nn.Module) -> int:
+    """Width of a ViT's tokens (``embed_dim``), as opposed to its pooled feature dimension."""
+    width = getattr(vit, "embed_dim", None)
+    if not isinstance(width, int):
+        raise ValueError("iBOT needs a timm ViT backbone (with patch tokens and embed_dim)")
+    return width
+
+
 def feature_dim(backbone: nn.Module) -> int:
     """Output feature dimension of a backbone: ``num_features`` or ``embed_dim``, else probed.
 
@@ -222,10 +230,12 @@ class MultiCropNetwork(nn.Module):
         head: The projection head.
     """
 
-    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
+    def __init__(self, backbone: nn.Module, head: DINOHead, mask_token: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        if mask_token:  # iBOT: replaces the student's masked patch embeddings (zeros, as DINOv2)
+            self.mask_token = nn.Parameter(torch.zeros(1, feature_width(backbone)))
 
     def forward(self, crops: list[Tensor]) -> Tensor:
         """Project every crop.
@@ -261,6 +271,73 @@ class MultiCropNetwork(nn.Module):
         logits = self.head(flat)
         return logits.reshape(len(crops), batch, -1), flat.reshape(len(crops), batch, -1)
 
+    def forward_masked(
+        self, crops: list[Tensor], n_global: int, masks: Tensor, mask_input: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The iBOT forward: global crops token by token, with (or only read at) masked patches.
+
+        Args:
+            crops: Crop-major list; the first ``n_global`` are the global crops (B, C, H, W).
+            n_global: Number of global crops.
+            masks: Boolean (n_global * B, N) patch masks, crop-major like the crops.
+            mask_input: Replace the masked patch embeddings with ``mask_token`` (the student) or
+                leave the input whole (the teacher).
+
+        Returns:
+            ``(logits (n_crops, B, K), masked patch logits (M, K), features (n_crops, B, D))``,
+            M = ``masks.sum()``, the patches in ``masks.nonzero()`` order. Local crops go
+            through :meth:`forward_with_features`.
+        """
+        vit = self.backbone
+        batch = crops[0].shape[0]
+        images = torch.cat(crops[:n_global])
+        tokens = vit_tokens(vit, images, masks if mask_input else None, self._mask_token())
+        features = vit.forward_head(tokens, pre_logits=True)
+        patches = tokens[:, vit.num_prefix_tokens :][masks]  # (M, D)
+        head_out = self.head(torch.cat([features, patches]))
+        logits = head_out[: len(features)].reshape(n_global, batch, -1)
+        patch_logits = head_out[len(features) :]
+        features = features.reshape(n_global, batch, -1)
+        if len(crops) > n_global:
+            local_logits, local_features = self.forward_with_features(crops[n_global:])
+            logits = torch.cat([logits, local_logits])
+            features = torch.cat([features, local_features])
+        return logits, patch_logits, features
+
+    def _mask_token(self) -> Tensor | None:
+        return getattr(self, "mask_token", None)
+
+
+def vit_tokens(
+    vit: nn.Module, images: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None
+) -> Tensor:
+    """A timm ViT's output tokens (after the final norm), masked patches replaced first.
+
+    The steps of ``VisionTransformer.forward_features`` with one addition: after the patch
+    embedding, the embeddings of masked patches become ``mask_token`` (before the position
+    embedding is added, as in iBOT and DINOv2).
+
+    Args:
+        vit: A timm ``VisionTransformer``.
+        images: (B, C, H, W).
+        masks: Optional boolean (B, N) over the N patches, row-major.
+        mask_token: (1, D) embedding of masked patches (needed with ``masks``).
+
+    Returns:
+        Tokens (B, num_prefix_tokens + N, D).
+    """
+    x = vit.patch_embed(images)
+    if masks is not None:
+        if mask_token is None:
+            raise ValueError("masked patches need a mask_token")
+        selected = masks.reshape(x.shape[:-1]).unsqueeze(-1)  # (B, N, 1) or (B, h, w, 1)
+        x = torch.where(selected, mask_token.to(x.dtype).reshape(-1), x)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    x = vit.blocks(x)
+    return vit.norm(x)
+
 
 def build_student_teacher(
     backbone: str | nn.Module,
@@ -269,6 +346,7 @@ def build_student_teacher(
     backbone_kwargs: dict[str, Any] | None = None,
     feature_grid: int = 0,
     backbone_dim: int | None = None,
+    mask_token: bool = False,
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -283,6 +361,8 @@ def build_student_teacher(
         backbone_kwargs: Extra ``timm.create_model`` arguments (timm names only).
         feature_grid: See :func:`create_timm_backbone` (timm names only).
         backbone_dim: The backbone's feature width, when :func:`feature_dim` cannot find it.
+        mask_token: Give both networks an iBOT mask token (a ViT whose pooled features are
+            token-wide, so that the head takes class and patch tokens alike).
 
     Returns:
         ``(student, teacher)``.
@@ -302,9 +382,17 @@ def build_student_teacher(
         student_backbone = backbone
         teacher_backbone = copy.deepcopy(backbone)
     in_dim = backbone_dim or feature_dim(student_backbone)
-    student = MultiCropNetwork(student_backbone, DINOHead(in_dim, **head_kwargs))
+    if mask_token and in_dim != feature_width(student_backbone):
+        raise ValueError(
+            f"--model.ibot_loss_weight needs a ViT whose features are its {in_dim}-wide "
+            "tokens (class token or average pooling, feature_grid 0), so that one head takes "
+            "class and patch tokens"
+        )
+    student = MultiCropNetwork(student_backbone, DINOHead(in_dim, **head_kwargs), mask_token)
     teacher_head_kwargs = {**head_kwargs, "norm_last_layer": True}
-    teacher = MultiCropNetwork(teacher_backbone, DINOHead(in_dim, **teacher_head_kwargs))
+    teacher = MultiCropNetwork(
+        teacher_backbone, DINOHead(in_dim, **teacher_head_kwargs), mask_token
+    )
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher

@@ -15,9 +15,16 @@ from torch import Tensor, nn
 from lightning_dino.backbones import build_student_teacher, is_vit
 from lightning_dino.checkpointing import RandomStateCallback
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
+from lightning_dino.ibot import iBOTPatchLoss
 from lightning_dino.koleo import KoLeoLoss
 from lightning_dino.loss import DINOLoss
+from lightning_dino.masking import batch_masks
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.optimization import (
+    clip_gradients_per_tensor,
+    parameter_groups,
+    unscale_fp16_gradients,
+)
 from lightning_dino.precision import full_precision
 from lightning_dino.preflight import (
     check_first_batch,
@@ -32,102 +39,11 @@ from lightning_dino.resume import (
     structural_change_message,
 )
 from lightning_dino.schedules import StepScheduler, cosine_schedule, teacher_temperature
+from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
 from lightning_dino.teacher import TeacherEMA
 
 # (crops, labels), a bare list of crops, or {"crops": crops, ...}; see preflight.crops_of.
 Batch = tuple[list[Tensor], Tensor] | list[Tensor] | dict[str, Any]
-
-
-def parameter_groups(
-    module: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
-) -> list[dict[str, Any]]:
-    """Split trainable parameters into a weight-decay group and a no-decay group.
-
-    As in the reference: biases and every 1-D parameter (norm weights) get no weight decay; all
-    other trainable parameters (``cls_token`` and ``pos_embed`` included) do.
-
-    With ``layerwise_decay`` < 1 (DINOv2's layer-wise learning-rate decay, for ViT backbones
-    with ``blocks``), each parameter's learning rate is scaled by
-    ``layerwise_decay ** (n_blocks + 1 - layer)``: layer 0 for the embeddings (patch embedding,
-    position embedding, class and register tokens), ``i + 1`` for block ``i``, ``n_blocks + 1``
-    for everything else (final norm, head); patch-embedding parameters also by
-    ``patch_embed_lr_mult``. Parameters with the same scale share a group, whose ``lr_scale``
-    :class:`~lightning_dino.schedules.StepScheduler` applies.
-
-    Args:
-        module: The network whose trainable parameters are grouped (``backbone`` + ``head``).
-        layerwise_decay: Per-layer learning-rate decay; 1.0 (default) disables it.
-        patch_embed_lr_mult: Extra learning-rate factor of the patch embedding (0.2 in DINOv2).
-
-    Returns:
-        Groups with ``params``, ``name``, ``lr_scale`` and ``weight_decay`` (0.0 for the no-decay
-        groups). Without layer-wise scaling exactly two: ``"decay"`` and ``"no_decay"``.
-    """
-    n_blocks = len(getattr(getattr(module, "backbone", module), "blocks", []))
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        decays = not (name.endswith(".bias") or param.ndim == 1)
-        scale = layerwise_lr_scale(name, n_blocks, layerwise_decay, patch_embed_lr_mult)
-        groups.setdefault((decays, scale), []).append(param)
-    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
-    single_scale = len({scale for _, scale in groups}) <= 1
-    return [
-        {
-            "params": params,
-            "name": ("decay" if decays else "no_decay") + ("" if single_scale else f"/{scale:.4g}"),
-            "lr_scale": scale,
-            "apply_weight_decay": decays,
-            **({} if decays else {"weight_decay": 0.0}),
-        }
-        for (decays, scale), params in ordered
-    ]
-
-
-def layerwise_lr_scale(
-    name: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float = 1.0
-) -> float:
-    """The learning-rate factor of parameter ``name`` of a student (``backbone.*`` / ``head.*``).
-
-    Args:
-        name: The parameter's name in the student network.
-        n_blocks: Number of transformer blocks of the backbone (0: no layer-wise scaling).
-        layerwise_decay: Per-layer decay factor (DINOv2: 0.9).
-        patch_embed_lr_mult: Extra factor of the patch embedding.
-
-    Returns:
-        ``layerwise_decay ** (n_blocks + 1 - layer)`` times the patch-embedding factor.
-    """
-    layer = n_blocks + 1
-    if n_blocks and name.startswith("backbone."):
-        inner = name.removeprefix("backbone.")
-        if inner.split(".")[0] in ("pos_embed", "patch_embed", "cls_token", "reg_token"):
-            layer = 0
-        elif inner.startswith("blocks."):
-            layer = int(inner.split(".")[1]) + 1
-    scale = layerwise_decay ** (n_blocks + 1 - layer)
-    if "patch_embed" in name:
-        scale *= patch_embed_lr_mult
-    return scale
-
-
-@torch.no_grad()
-def clip_gradients_per_tensor(params: list[nn.Parameter], max_norm: float) -> None:
-    """Clip each parameter's gradient to L2 norm ``max_norm`` independently (DINO's clip).
-
-    Not a global-norm clip: every tensor gets its own factor ``min(1, max_norm / (norm + 1e-6))``.
-
-    Args:
-        params: Parameters whose ``.grad`` (when not None) is clipped in place.
-        max_norm: Largest allowed L2 norm per tensor.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm(grads)
-    factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, factors)
 
 
 class DINO(pl.LightningModule):
@@ -165,6 +81,12 @@ class DINO(pl.LightningModule):
             ``"sinkhorn_knopp"`` (DINOv2's option, 3 iterations over the global batch).
         koleo_loss_weight: Weight of DINOv2's KoLeo regulariser on the student's backbone
             features of each global crop (0 = off; 0.1 in DINOv2).
+        ibot_loss_weight: Weight of DINOv2's iBOT masked-patch loss (0 = off; 1.0 in DINOv2).
+            Needs a timm ViT whose features are its tokens (``feature_grid`` 0). The student's
+            global crops are masked block-wise; one head serves class and patch tokens; the
+            patch targets have their own centre (or Sinkhorn-Knopp, with ``centering``).
+        ibot_mask_ratio: (min, max) fraction of the patches masked in a masked image.
+        ibot_mask_probability: Fraction of the global crops that are masked.
         layerwise_decay: DINOv2's layer-wise learning-rate decay for ViT backbones (0.9 in
             DINOv2; 1.0 = off, the DINO reference): block i trains at
             ``decay ** (n_blocks - i)`` times the lr, the embeddings at ``decay ** (n_blocks + 1)``.
@@ -221,6 +143,9 @@ class DINO(pl.LightningModule):
         center_momentum: float = 0.9,
         centering: Literal["center", "sinkhorn_knopp"] = "center",
         koleo_loss_weight: float = 0.0,
+        ibot_loss_weight: float = 0.0,
+        ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
+        ibot_mask_probability: float = 0.5,
         layerwise_decay: float = 1.0,
         patch_embed_lr_mult: float = 1.0,
         momentum_teacher: float = 0.996,
@@ -256,6 +181,7 @@ class DINO(pl.LightningModule):
             backbone_kwargs=backbone_kwargs,
             feature_grid=feature_grid,
             backbone_dim=backbone_dim,
+            mask_token=ibot_loss_weight > 0,
         )
         for network in (self.student, self.teacher):
             if channels_last and not is_vit(network.backbone):
@@ -266,6 +192,8 @@ class DINO(pl.LightningModule):
             out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
         )
         self.koleo = KoLeoLoss()
+        if ibot_loss_weight > 0:  # only then: its centre buffer joins the checkpoints
+            self.ibot = iBOTPatchLoss(out_dim, student_temp, center_momentum)
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
         self._brought_callbacks: list[Callback] = []
@@ -460,7 +388,7 @@ class DINO(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Per-tensor clip of unscaled gradients, last-layer and backbone freezes, centre."""
         if self.hparams.clip_grad > 0:
-            _unscale_fp16_gradients(self.trainer, optimizer)
+            unscale_fp16_gradients(self.trainer, optimizer)
             clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)
         if self.current_epoch < self.hparams.freeze_last_layer:
             for param in self.student.head.last_layer.parameters():
@@ -488,20 +416,27 @@ class DINO(pl.LightningModule):
                 "global": list(crops[0].shape[-2:]),
                 "local": list(crops[n_global].shape[-2:]) if len(crops) > n_global else None,
             }
-        with torch.no_grad():
-            teacher_out = self.teacher(crops[:n_global])
-        koleo_weight = self.hparams.koleo_loss_weight
-        if koleo_weight > 0:
-            student_out, features = self.student.forward_with_features(crops)
-        else:
-            student_out = self.student(crops)
+        hp = self.hparams
         temp = self.teacher_temp(self.current_epoch)
+        if hp.ibot_loss_weight > 0:
+            student_out, teacher_out, features, ibot_loss = self._ibot_forward(crops, temp)
+        else:
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:n_global])
+            if hp.koleo_loss_weight > 0:
+                student_out, features = self.student.forward_with_features(crops)
+            else:
+                student_out = self.student(crops)
         dino_loss = self.loss(student_out, teacher_out, temp)
         terms = {"train/dino_loss": dino_loss}
-        if koleo_weight > 0:
+        loss = dino_loss
+        if hp.ibot_loss_weight > 0:
+            terms["train/ibot_loss"] = ibot_loss
+            loss = loss + hp.ibot_loss_weight * ibot_loss
+        if hp.koleo_loss_weight > 0:
             # Per global crop, so that two crops of one image are never neighbours (DINOv2).
             terms["train/koleo_loss"] = sum(self.koleo(f) for f in features[:n_global])
-        loss = dino_loss + koleo_weight * terms.get("train/koleo_loss", 0.0)
+            loss = loss + hp.koleo_loss_weight * terms["train/koleo_loss"]
         # Decided together, so that every process stops (one process raising alone would leave
         # the others waiting in the next collective).
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
@@ -539,6 +474,38 @@ class DINO(pl.LightningModule):
         )
         return {"loss": loss, "diagnostics": diagnostics}
 
+    def _ibot_forward(
+        self, crops: list[Tensor], teacher_temp: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Mask the global crops, run both networks token-wise, and compute the iBOT loss.
+
+        Returns:
+            ``(student logits (n_crops, B, K), teacher logits (n_global, B, K), student
+            features (n_crops, B, D), iBOT loss)``.
+        """
+        n_global = self.hparams.n_global_crops
+        batch, _, height, width = crops[0].shape
+        grid = self.student.backbone.patch_embed.dynamic_feat_size((height, width))
+        masks = batch_masks(
+            n_global * batch,
+            *grid,
+            ratio=tuple(self.hparams.ibot_mask_ratio),
+            probability=self.hparams.ibot_mask_probability,
+        ).to(crops[0].device)
+        with torch.no_grad():
+            teacher_out, teacher_patches, _ = self.teacher.forward_masked(
+                crops[:n_global], n_global, masks, mask_input=False
+            )
+        student_out, student_patches, features = self.student.forward_masked(
+            crops, n_global, masks, mask_input=True
+        )
+        if self.hparams.centering == "sinkhorn_knopp":
+            targets = sinkhorn_knopp(teacher_patches, teacher_temp)
+        else:
+            targets = self.ibot.teacher_probs(teacher_patches, teacher_temp)
+            self.ibot.update_center(teacher_patches)
+        return student_out, teacher_out, features, self.ibot(student_patches, targets, masks)
+
     def _writes_logs_this_step(self) -> bool:
         """Whether the loggers record this step (every ``log_every_n_steps``, and at the end).
 
@@ -568,19 +535,6 @@ def teacher_entropy_ratio(teacher_out: Tensor, center: Tensor, teacher_temp: flo
     return entropy / math.log(teacher_out.shape[-1])
 
 
-def _unscale_fp16_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-    """Unscale ``16-mixed`` gradients that Lightning left scaled for a fused optimizer.
-
-    Lightning unscales before ``on_before_optimizer_step`` except for optimizers that unscale in
-    their own ``step()`` (fused AdamW): clipping must see true gradients, so unscale here; the
-    scaler's ``step()`` then passes no scale to the fused kernel and still skips steps with
-    infinite gradients.
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-        scaler.unscale_(optimizer)
-
-
 def _validate(hparams: Any) -> None:
     """Fail fast, before any data is read, on settings that cannot work."""
     checks = [
@@ -596,6 +550,13 @@ def _validate(hparams: Any) -> None:
         (hparams.warmup_epochs >= 0, "warmup_epochs", "use a non-negative number of epochs"),
         (hparams.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
         (hparams.koleo_loss_weight >= 0, "koleo_loss_weight", "use 0 (off) or a weight (0.1)"),
+        (hparams.ibot_loss_weight >= 0, "ibot_loss_weight", "use 0 (off) or a weight (1.0)"),
+        (
+            0 < hparams.ibot_mask_ratio[0] <= hparams.ibot_mask_ratio[1] < 1,
+            "ibot_mask_ratio",
+            "use 0 < min <= max < 1 ([0.1, 0.5])",
+        ),
+        (0 <= hparams.ibot_mask_probability <= 1, "ibot_mask_probability", "use [0, 1] (0.5)"),
         (0 < hparams.layerwise_decay <= 1, "layerwise_decay", "use a value in (0, 1] (0.9)"),
         (hparams.patch_embed_lr_mult > 0, "patch_embed_lr_mult", "use a positive factor (0.2)"),
         (

@@ -1,0 +1,120 @@
+"""DINO's optimisation pieces: parameter groups (with DINOv2's layer-wise lr decay) and clipping.
+
+Reference: ``get_params_groups`` and ``clip_gradients`` in facebookresearch/dino ``utils.py``;
+``get_params_groups_with_decay`` in facebookresearch/dinov2 ``dinov2/utils/param_groups.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+def parameter_groups(
+    module: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into a weight-decay group and a no-decay group.
+
+    As in the reference: biases and every 1-D parameter (norm weights) get no weight decay; all
+    other trainable parameters (``cls_token`` and ``pos_embed`` included) do.
+
+    With ``layerwise_decay`` < 1 (DINOv2's layer-wise learning-rate decay, for ViT backbones
+    with ``blocks``), each parameter's learning rate is scaled by
+    ``layerwise_decay ** (n_blocks + 1 - layer)``: layer 0 for the embeddings (patch embedding,
+    position embedding, class and register tokens), ``i + 1`` for block ``i``, ``n_blocks + 1``
+    for everything else (final norm, head); patch-embedding parameters also by
+    ``patch_embed_lr_mult``. Parameters with the same scale share a group, whose ``lr_scale``
+    :class:`~lightning_dino.schedules.StepScheduler` applies.
+
+    Args:
+        module: The network whose trainable parameters are grouped (``backbone`` + ``head``).
+        layerwise_decay: Per-layer learning-rate decay; 1.0 (default) disables it.
+        patch_embed_lr_mult: Extra learning-rate factor of the patch embedding (0.2 in DINOv2).
+
+    Returns:
+        Groups with ``params``, ``name``, ``lr_scale`` and ``weight_decay`` (0.0 for the no-decay
+        groups). Without layer-wise scaling exactly two: ``"decay"`` and ``"no_decay"``.
+    """
+    n_blocks = len(getattr(getattr(module, "backbone", module), "blocks", []))
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        decays = not (name.endswith(".bias") or param.ndim == 1)
+        scale = layerwise_lr_scale(name, n_blocks, layerwise_decay, patch_embed_lr_mult)
+        groups.setdefault((decays, scale), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
+    single_scale = len({scale for _, scale in groups}) <= 1
+    return [
+        {
+            "params": params,
+            "name": ("decay" if decays else "no_decay") + ("" if single_scale else f"/{scale:.4g}"),
+            "lr_scale": scale,
+            "apply_weight_decay": decays,
+            **({} if decays else {"weight_decay": 0.0}),
+        }
+        for (decays, scale), params in ordered
+    ]
+
+
+def layerwise_lr_scale(
+    name: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float = 1.0
+) -> float:
+    """The learning-rate factor of parameter ``name`` of a student (``backbone.*`` / ``head.*``).
+
+    Args:
+        name: The parameter's name in the student network.
+        n_blocks: Number of transformer blocks of the backbone (0: no layer-wise scaling).
+        layerwise_decay: Per-layer decay factor (DINOv2: 0.9).
+        patch_embed_lr_mult: Extra factor of the patch embedding.
+
+    Returns:
+        ``layerwise_decay ** (n_blocks + 1 - layer)`` times the patch-embedding factor.
+    """
+    layer = n_blocks + 1
+    if n_blocks and name == "mask_token":  # an embedding, as in DINOv2
+        layer = 0
+    elif n_blocks and name.startswith("backbone."):
+        inner = name.removeprefix("backbone.")
+        if inner.split(".")[0] in ("pos_embed", "patch_embed", "cls_token", "reg_token"):
+            layer = 0
+        elif inner.startswith("blocks."):
+            layer = int(inner.split(".")[1]) + 1
+    scale = layerwise_decay ** (n_blocks + 1 - layer)
+    if "patch_embed" in name:
+        scale *= patch_embed_lr_mult
+    return scale
+
+
+@torch.no_grad()
+def clip_gradients_per_tensor(params: list[nn.Parameter], max_norm: float) -> None:
+    """Clip each parameter's gradient to L2 norm ``max_norm`` independently (DINO's clip).
+
+    Not a global-norm clip: every tensor gets its own factor ``min(1, max_norm / (norm + 1e-6))``.
+
+    Args:
+        params: Parameters whose ``.grad`` (when not None) is clipped in place.
+        max_norm: Largest allowed L2 norm per tensor.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, factors)
+
+
+def unscale_fp16_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale ``16-mixed`` gradients that Lightning left scaled for a fused optimizer.
+
+    Lightning unscales before ``on_before_optimizer_step`` except for optimizers that unscale in
+    their own ``step()`` (fused AdamW): clipping must see true gradients, so unscale here; the
+    scaler's ``step()`` then passes no scale to the fused kernel and still skips steps with
+    infinite gradients.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
