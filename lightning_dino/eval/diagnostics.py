@@ -72,33 +72,23 @@ def collapse_statistics(
         1.0
     """
     with full_precision(teacher_out.device):
-        return _collapse_statistics(student_out, teacher_out, center, student_temp, teacher_temp)
-
-
-def _collapse_statistics(
-    student_out: Tensor,
-    teacher_out: Tensor,
-    center: Tensor,
-    student_temp: float,
-    teacher_temp: float,
-) -> dict[str, Tensor]:
-    n_global, num_out = teacher_out.shape[0], teacher_out.shape[-1]
-    teacher_log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
-    student_log_p = (student_out.float() / student_temp).log_softmax(dim=-1)
-    teacher_p = teacher_log_p.exp()
-    entropy = -(teacher_p * teacher_log_p).sum(dim=-1)  # (n_global, B)
-    # cross_entropy[t, v, b] = H(P_t of teacher view t, P_s of student view v) for sample b
-    cross_entropy = -torch.einsum("tbk,vbk->tvb", teacher_p, student_log_p)
-    kl = cross_entropy - entropy[:, None, :]
-    same_view = torch.eye(n_global, student_out.shape[0], dtype=torch.bool, device=kl.device)
-    mean_entropy = entropy.mean()
-    return {
-        "teacher_entropy": mean_entropy,
-        "teacher_entropy_ratio": mean_entropy / math.log(num_out),
-        "teacher_student_kl": kl[~same_view].mean(),
-        "center_norm": center.float().norm(),
-        "teacher_max_prob": teacher_p.amax(dim=-1).mean(),
-    }
+        n_global, num_out = teacher_out.shape[0], teacher_out.shape[-1]
+        teacher_log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
+        student_log_p = (student_out.float() / student_temp).log_softmax(dim=-1)
+        teacher_p = teacher_log_p.exp()
+        entropy = -(teacher_p * teacher_log_p).sum(dim=-1)  # (n_global, B)
+        # cross_entropy[t, v, b] = H(P_t of teacher view t, P_s of student view v) for sample b
+        cross_entropy = -torch.einsum("tbk,vbk->tvb", teacher_p, student_log_p)
+        kl = cross_entropy - entropy[:, None, :]
+        same_view = torch.eye(n_global, student_out.shape[0], dtype=torch.bool, device=kl.device)
+        mean_entropy = entropy.mean()
+        return {
+            "teacher_entropy": mean_entropy,
+            "teacher_entropy_ratio": mean_entropy / math.log(num_out),
+            "teacher_student_kl": kl[~same_view].mean(),
+            "center_norm": center.float().norm(),
+            "teacher_max_prob": teacher_p.amax(dim=-1).mean(),
+        }
 
 
 class CollapseMonitor(Callback):
