@@ -9,14 +9,14 @@ Oquab et al., *DINOv2*, TMLR 2024; ``iBOTPatchLoss`` of facebookresearch/dinov2
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_dino.center import EMACenter
 from lightning_dino.precision import full_precision
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(EMACenter):
     """Cross-entropy between teacher and student patch distributions at masked patches.
 
     The student sees a global crop with some patch tokens replaced by a mask token; the teacher
@@ -34,7 +34,8 @@ class iBOTPatchLoss(nn.Module):
         center_momentum: EMA momentum of the patch centre (0.9).
 
     Attributes:
-        center: Buffer (1, K): EMA of the raw teacher patch logits.
+        center: Buffer (1, K): EMA of the raw teacher patch logits; ``accumulate_center`` the
+            logits of the patches used, ``update_center()`` once per optimizer step.
 
     Examples:
         >>> loss_fn = iBOTPatchLoss(out_dim=16)
@@ -43,8 +44,6 @@ class iBOTPatchLoss(nn.Module):
         >>> targets = loss_fn.teacher_probs(torch.randn(2, 16), teacher_temp=0.07)
         >>> loss = loss_fn(torch.randn(2, 16), targets, masks)
     """
-
-    center: Tensor
 
     def __init__(
         self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
@@ -58,7 +57,7 @@ class iBOTPatchLoss(nn.Module):
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.init_center(out_dim)
 
     def forward(
         self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, masks: Tensor
@@ -105,19 +104,3 @@ class iBOTPatchLoss(nn.Module):
         with full_precision(teacher_patch_logits.device):
             centred = teacher_patch_logits.float() - self.center.float()
             return F.softmax(centred / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: Tensor) -> None:
-        """``center <- m center + (1 - m) mean`` of the raw teacher patch logits, over all ranks.
-
-        Args:
-            teacher_patch_logits: Raw teacher logits of the patches the loss used (M, K).
-        """
-        with full_precision(teacher_patch_logits.device):
-            flat = teacher_patch_logits.float().reshape(-1, self.out_dim)
-            stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(stats)
-            if stats[-1] > 0:
-                mean = (stats[:-1] / stats[-1]).unsqueeze(0)
-                self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)

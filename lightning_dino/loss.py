@@ -7,15 +7,15 @@ Eq. 3-4 and Algorithm 1; the official `DINOLoss` in facebookresearch/dino `main_
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_dino.center import EMACenter
 from lightning_dino.precision import full_precision
 from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(EMACenter):
     """Cross-entropy between a centred, sharpened teacher and the student, over crop pairs.
 
     For every teacher view ``t`` (the global crops) and every student view ``v != t`` the loss
@@ -49,10 +49,6 @@ class DINOLoss(nn.Module):
         >>> loss = loss_fn(student, teacher, teacher_temp=0.04)
     """
 
-    center: Tensor
-    _pending_sum: Tensor
-    _pending_count: Tensor
-
     def __init__(
         self,
         out_dim: int,
@@ -74,9 +70,7 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.defer_center_update = False
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.register_buffer("_pending_sum", torch.zeros(out_dim), persistent=False)
-        self.register_buffer("_pending_count", torch.zeros(()), persistent=False)
+        self.init_center(out_dim)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float) -> Tensor:
         """Compute the loss and, in training mode, update (or accumulate) the centre.
@@ -125,41 +119,3 @@ class DINOLoss(nn.Module):
         same_view = torch.eye(n_global, n_crops, dtype=torch.bool, device=ce.device)
         loss = ce.masked_fill(same_view, 0.0).sum() / (n_global * n_crops - n_global)
         return loss, teacher_raw
-
-    @torch.no_grad()
-    def reset_center(self) -> None:
-        """Set the centre back to 0 and drop accumulated statistics (a new run starts)."""
-        self.center.zero_()
-        self._pending_sum.zero_()
-        self._pending_count.zero_()
-
-    @torch.no_grad()
-    def accumulate_center(self, teacher_out: Tensor) -> None:
-        """Add a batch of raw teacher logits to the statistics of the next centre update.
-
-        Args:
-            teacher_out: Raw teacher logits, shape (n_global, B, K).
-        """
-        flat = teacher_out.detach().float().reshape(-1, self.out_dim)
-        self._pending_sum += flat.sum(dim=0)
-        self._pending_count += flat.shape[0]
-
-    @torch.no_grad()
-    def update_center(self) -> None:
-        """Apply the accumulated teacher statistics: ``c <- m c + (1 - m) mean``.
-
-        The sum and count are all-reduced over every process first, so the mean is the global
-        mean over all ranks' global crops. Does nothing when nothing was accumulated.
-        """
-        stats = torch.cat([self._pending_sum, self._pending_count.reshape(1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        count = stats[-1]
-        if count > 0:
-            batch_center = (stats[:-1] / count).unsqueeze(0)
-            self.center.mul_(self.center_momentum).add_(
-                batch_center, alpha=1 - self.center_momentum
-            )
-        self._pending_sum.zero_()
-        self._pending_count.zero_()
-

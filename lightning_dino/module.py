@@ -271,6 +271,8 @@ class DINO(pl.LightningModule):
         self._check_next_batch = True
         if trainer.global_step == 0:
             self.loss.reset_center()
+            if self.hparams.ibot_loss_weight > 0:
+                self.ibot.reset_center()
         self.total_steps = int(trainer.estimated_stepping_batches)
         batches = trainer.num_training_batches
         accumulate = trainer.accumulate_grad_batches
@@ -397,6 +399,8 @@ class DINO(pl.LightningModule):
             for param in self.student.backbone.parameters():
                 param.grad = None
         self.loss.update_center()
+        if self.hparams.ibot_loss_weight > 0:
+            self.ibot.update_center()
 
     # Training ------------------------------------------------------------------------------
 
@@ -503,7 +507,7 @@ class DINO(pl.LightningModule):
             targets = sinkhorn_knopp(teacher_patches, teacher_temp)
         else:
             targets = self.ibot.teacher_probs(teacher_patches, teacher_temp)
-            self.ibot.update_center(teacher_patches)
+            self.ibot.accumulate_center(teacher_patches)  # applied in on_before_optimizer_step
         return student_out, teacher_out, features, self.ibot(student_patches, targets, masks)
 
     def _writes_logs_this_step(self) -> bool:
