@@ -16,6 +16,7 @@ from lightning_dino.eval import (
     knn_accuracy,
 )
 from lightning_dino.export import export_backbone, load_backbone
+from lightning_dino.gram import GramLoss
 from lightning_dino.head import DINOHead
 from lightning_dino.ibot import iBOTPatchLoss
 from lightning_dino.koleo import KoLeoLoss
@@ -36,6 +37,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EpochSampler",
+    "GramLoss",
     "KNNMonitor",
     "KoLeoLoss",
     "LinearProbe",

@@ -273,7 +273,7 @@ class MultiCropNetwork(nn.Module):
 
     def forward_masked(
         self, crops: list[Tensor], n_global: int, masks: Tensor, mask_input: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The iBOT forward: global crops token by token, with (or only read at) masked patches.
 
         Args:
@@ -284,16 +284,17 @@ class MultiCropNetwork(nn.Module):
                 leave the input whole (the teacher).
 
         Returns:
-            ``(logits (n_crops, B, K), masked patch logits (M, K), features (n_crops, B, D))``,
-            M = ``masks.sum()``, the patches in ``masks.nonzero()`` order. Local crops go
-            through :meth:`forward_with_features`.
+            ``(logits (n_crops, B, K), masked patch logits (M, K), features (n_crops, B, D),
+            global patch tokens (n_global * B, N, D))``, M = ``masks.sum()``, the patches in
+            ``masks.nonzero()`` order. Local crops go through :meth:`forward_with_features`.
         """
         vit = self.backbone
         batch = crops[0].shape[0]
         images = torch.cat(crops[:n_global])
         tokens = vit_tokens(vit, images, masks if mask_input else None, self._mask_token())
         features = vit.forward_head(tokens, pre_logits=True)
-        patches = tokens[:, vit.num_prefix_tokens :][masks]  # (M, D)
+        patch_tokens = tokens[:, vit.num_prefix_tokens :]
+        patches = patch_tokens[masks]  # (M, D)
         head_out = self.head(torch.cat([features, patches]))
         logits = head_out[: len(features)].reshape(n_global, batch, -1)
         patch_logits = head_out[len(features) :]
@@ -302,7 +303,7 @@ class MultiCropNetwork(nn.Module):
             local_logits, local_features = self.forward_with_features(crops[n_global:])
             logits = torch.cat([logits, local_logits])
             features = torch.cat([features, local_features])
-        return logits, patch_logits, features
+        return logits, patch_logits, features, patch_tokens
 
     def _mask_token(self) -> Tensor | None:
         return getattr(self, "mask_token", None)

@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_dino.backbones import build_student_teacher, is_vit
+from lightning_dino.backbones import build_student_teacher, is_vit, vit_tokens
 from lightning_dino.checkpointing import RandomStateCallback
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
+from lightning_dino.gram import GramLoss
 from lightning_dino.ibot import iBOTPatchLoss
 from lightning_dino.koleo import KoLeoLoss
 from lightning_dino.loss import DINOLoss
@@ -85,6 +86,13 @@ class DINO(pl.LightningModule):
             Needs a timm ViT whose features are its tokens (``feature_grid`` 0). The student's
             global crops are masked block-wise; one head serves class and patch tokens; the
             patch targets have their own centre (or Sinkhorn-Knopp, with ``centering``).
+        gram_loss_weight: Weight of DINOv3's Gram anchoring (0 = off): the MSE between the
+            patch similarity matrices of the student's global crops and of a Gram teacher, a
+            frozen snapshot of the EMA teacher's backbone (ViTs only).
+        gram_start_step: Optimizer step at which the Gram teacher is taken and the loss starts
+            (DINOv3 starts late in a long run).
+        gram_update_every: Steps between refreshes of the Gram teacher after the start; 0 keeps
+            the first snapshot.
         ibot_mask_ratio: (min, max) fraction of the patches masked in a masked image.
         ibot_mask_probability: Fraction of the global crops that are masked.
         layerwise_decay: DINOv2's layer-wise learning-rate decay for ViT backbones (0.9 in
@@ -144,6 +152,9 @@ class DINO(pl.LightningModule):
         centering: Literal["center", "sinkhorn_knopp"] = "center",
         koleo_loss_weight: float = 0.0,
         ibot_loss_weight: float = 0.0,
+        gram_loss_weight: float = 0.0,
+        gram_start_step: int = 0,
+        gram_update_every: int = 0,
         ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
         ibot_mask_probability: float = 0.5,
         layerwise_decay: float = 1.0,
@@ -194,6 +205,11 @@ class DINO(pl.LightningModule):
         self.koleo = KoLeoLoss()
         if ibot_loss_weight > 0:  # only then: its centre buffer joins the checkpoints
             self.ibot = iBOTPatchLoss(out_dim, student_temp, center_momentum)
+        if gram_loss_weight > 0:
+            if not is_vit(self.teacher.backbone):
+                raise ValueError("--model.gram_loss_weight needs a ViT backbone (patch tokens)")
+            self.gram_teacher = copy.deepcopy(self.teacher.backbone).requires_grad_(False)
+            self.gram = GramLoss()
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
         self._brought_callbacks: list[Callback] = []
@@ -422,8 +438,11 @@ class DINO(pl.LightningModule):
             }
         hp = self.hparams
         temp = self.teacher_temp(self.current_epoch)
-        if hp.ibot_loss_weight > 0:
-            student_out, teacher_out, features, ibot_loss = self._ibot_forward(crops, temp)
+        gram_on = hp.gram_loss_weight > 0 and self.global_step >= hp.gram_start_step
+        if hp.ibot_loss_weight > 0 or gram_on:
+            student_out, teacher_out, features, ibot_loss, patch_tokens = self._token_forward(
+                crops, temp
+            )
         else:
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:n_global])
@@ -437,6 +456,14 @@ class DINO(pl.LightningModule):
         if hp.ibot_loss_weight > 0:
             terms["train/ibot_loss"] = ibot_loss
             loss = loss + hp.ibot_loss_weight * ibot_loss
+        if gram_on:
+            with torch.no_grad():
+                images = torch.cat(crops[:n_global])
+                anchors = vit_tokens(self.gram_teacher, images)
+            terms["train/gram_loss"] = self.gram(
+                patch_tokens, anchors[:, self.gram_teacher.num_prefix_tokens :]
+            )
+            loss = loss + hp.gram_loss_weight * terms["train/gram_loss"]
         if hp.koleo_loss_weight > 0:
             # Per global crop, so that two crops of one image are never neighbours (DINOv2).
             terms["train/koleo_loss"] = sum(self.koleo(f) for f in features[:n_global])
@@ -478,37 +505,56 @@ class DINO(pl.LightningModule):
         )
         return {"loss": loss, "diagnostics": diagnostics}
 
-    def _ibot_forward(
+    def _token_forward(
         self, crops: list[Tensor], teacher_temp: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Mask the global crops, run both networks token-wise, and compute the iBOT loss.
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+        """Run both networks token-wise on the global crops (masked for iBOT when it is on).
 
         Returns:
             ``(student logits (n_crops, B, K), teacher logits (n_global, B, K), student
-            features (n_crops, B, D), iBOT loss)``.
+            features (n_crops, B, D), iBOT loss or None, student global patch tokens
+            (n_global * B, N, D))``.
         """
         n_global = self.hparams.n_global_crops
+        ibot = self.hparams.ibot_loss_weight > 0
         batch, _, height, width = crops[0].shape
         grid = self.student.backbone.patch_embed.dynamic_feat_size((height, width))
-        masks = batch_masks(
-            n_global * batch,
-            *grid,
-            ratio=tuple(self.hparams.ibot_mask_ratio),
-            probability=self.hparams.ibot_mask_probability,
-        ).to(crops[0].device)
+        if ibot:
+            masks = batch_masks(
+                n_global * batch,
+                *grid,
+                ratio=tuple(self.hparams.ibot_mask_ratio),
+                probability=self.hparams.ibot_mask_probability,
+            )
+        else:
+            masks = torch.zeros(n_global * batch, grid[0] * grid[1], dtype=torch.bool)
+        masks = masks.to(crops[0].device)
         with torch.no_grad():
-            teacher_out, teacher_patches, _ = self.teacher.forward_masked(
+            teacher_out, teacher_patches, _, _ = self.teacher.forward_masked(
                 crops[:n_global], n_global, masks, mask_input=False
             )
-        student_out, student_patches, features = self.student.forward_masked(
-            crops, n_global, masks, mask_input=True
+        student_out, student_patches, features, patch_tokens = self.student.forward_masked(
+            crops, n_global, masks, mask_input=ibot
         )
+        if not ibot:
+            return student_out, teacher_out, features, None, patch_tokens
         if self.hparams.centering == "sinkhorn_knopp":
             targets = sinkhorn_knopp(teacher_patches, teacher_temp)
         else:
             targets = self.ibot.teacher_probs(teacher_patches, teacher_temp)
             self.ibot.accumulate_center(teacher_patches)  # applied in on_before_optimizer_step
-        return student_out, teacher_out, features, self.ibot(student_patches, targets, masks)
+        ibot_loss = self.ibot(student_patches, targets, masks)
+        return student_out, teacher_out, features, ibot_loss, patch_tokens
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Take a new Gram teacher from the EMA teacher when one is due."""
+        hp = self.hparams
+        if hp.gram_loss_weight <= 0:
+            return
+        since = self.global_step - hp.gram_start_step
+        every = hp.gram_update_every
+        if since == 0 or (every > 0 and since > 0 and since % every == 0):
+            self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
 
     def _writes_logs_this_step(self) -> bool:
         """Whether the loggers record this step (every ``log_every_n_steps``, and at the end).
@@ -555,6 +601,9 @@ def _validate(hparams: Any) -> None:
         (hparams.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
         (hparams.koleo_loss_weight >= 0, "koleo_loss_weight", "use 0 (off) or a weight (0.1)"),
         (hparams.ibot_loss_weight >= 0, "ibot_loss_weight", "use 0 (off) or a weight (1.0)"),
+        (hparams.gram_loss_weight >= 0, "gram_loss_weight", "use 0 (off) or a weight"),
+        (hparams.gram_start_step >= 0, "gram_start_step", "use a step >= 0"),
+        (hparams.gram_update_every >= 0, "gram_update_every", "use 0 (never) or a step count"),
         (
             0 < hparams.ibot_mask_ratio[0] <= hparams.ibot_mask_ratio[1] < 1,
             "ibot_mask_ratio",

@@ -87,14 +87,14 @@ def test_ibot_loss_of_one_step_equals_an_independent_computation():
     model = DINO(**TINY_VIT, drop_path_rate=0.0, warmup_epochs=0, ibot_loss_weight=1.0)
     start = copy.deepcopy(model)
     captured = {}
-    original = model._ibot_forward
+    original = model._token_forward
 
     def spy(crops, temp):
         out = original(crops, temp)
         captured.update(crops=crops, temp=temp, ibot=out[3].detach())
         return out
 
-    model._ibot_forward = spy
+    model._token_forward = spy
     import lightning_dino.module as module_mod
 
     real_masks = module_mod.batch_masks
