@@ -14,8 +14,13 @@ from torch import Tensor, nn
 
 from lightning_dino.backbones import build_student_teacher, is_vit, vit_tokens
 from lightning_dino.checkpointing import RandomStateCallback
-from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
+from lightning_dino.eval.diagnostics import (
+    CollapseMonitor,
+    collapse_statistics,
+    teacher_entropy_ratio,
+)
 from lightning_dino.gram import GramLoss
+from lightning_dino.hyperparameters import validate_hyperparameters
 from lightning_dino.ibot import iBOTPatchLoss
 from lightning_dino.koleo import KoLeoLoss
 from lightning_dino.loss import DINOLoss
@@ -26,7 +31,6 @@ from lightning_dino.optimization import (
     parameter_groups,
     unscale_fp16_gradients,
 )
-from lightning_dino.precision import full_precision
 from lightning_dino.preflight import (
     check_first_batch,
     check_model_and_data,
@@ -177,7 +181,7 @@ class DINO(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        _validate(self.hparams)
+        validate_hyperparameters(self.hparams)
         self.student, self.teacher = build_student_teacher(
             backbone,
             head_kwargs={
@@ -565,62 +569,3 @@ class DINO(pl.LightningModule):
         """
         trainer = self.trainer
         return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
-
-
-@torch.no_grad()
-def teacher_entropy_ratio(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
-    """The ``teacher_entropy_ratio`` of :func:`collapse_statistics`, alone and cheaper.
-
-    Args:
-        teacher_out: Raw teacher logits, shape (n_global, B, K).
-        center: The loss centre, shape (1, K).
-        teacher_temp: Teacher temperature for this step.
-
-    Returns:
-        Scalar float32 tensor: mean entropy of ``softmax((t - center) / teacher_temp)`` over ln K.
-    """
-    with full_precision(teacher_out.device):
-        log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(dim=-1).mean()
-    return entropy / math.log(teacher_out.shape[-1])
-
-
-def _validate(hparams: Any) -> None:
-    """Fail fast, before any data is read, on settings that cannot work."""
-    checks = [
-        (hparams.out_dim >= 2, "out_dim", "use at least 2 prototypes (65536 in the paper)"),
-        (hparams.student_temp > 0, "student_temp", "use a positive temperature (0.1)"),
-        (hparams.teacher_temp > 0, "teacher_temp", "use a positive temperature (0.04-0.07)"),
-        (hparams.warmup_teacher_temp > 0, "warmup_teacher_temp", "use a positive temperature"),
-        (0 <= hparams.center_momentum <= 1, "center_momentum", "use a value in [0, 1] (0.9)"),
-        (0 <= hparams.momentum_teacher <= 1, "momentum_teacher", "use a value in [0, 1] (0.996)"),
-        (0 <= hparams.momentum_teacher_end <= 1, "momentum_teacher_end", "use a value in [0, 1]"),
-        (hparams.lr > 0, "lr", "use a positive base learning rate (0.0005)"),
-        (hparams.min_lr >= 0, "min_lr", "use a non-negative value"),
-        (hparams.warmup_epochs >= 0, "warmup_epochs", "use a non-negative number of epochs"),
-        (hparams.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
-        (hparams.koleo_loss_weight >= 0, "koleo_loss_weight", "use 0 (off) or a weight (0.1)"),
-        (hparams.ibot_loss_weight >= 0, "ibot_loss_weight", "use 0 (off) or a weight (1.0)"),
-        (hparams.gram_loss_weight >= 0, "gram_loss_weight", "use 0 (off) or a weight"),
-        (hparams.gram_start_step >= 0, "gram_start_step", "use a step >= 0"),
-        (hparams.gram_update_every >= 0, "gram_update_every", "use 0 (never) or a step count"),
-        (
-            0 < hparams.ibot_mask_ratio[0] <= hparams.ibot_mask_ratio[1] < 1,
-            "ibot_mask_ratio",
-            "use 0 < min <= max < 1 ([0.1, 0.5])",
-        ),
-        (0 <= hparams.ibot_mask_probability <= 1, "ibot_mask_probability", "use [0, 1] (0.5)"),
-        (0 < hparams.layerwise_decay <= 1, "layerwise_decay", "use a value in (0, 1] (0.9)"),
-        (hparams.patch_embed_lr_mult > 0, "patch_embed_lr_mult", "use a positive factor (0.2)"),
-        (
-            hparams.centering in ("center", "sinkhorn_knopp"),
-            "centering",
-            "use center or sinkhorn_knopp",
-        ),
-        (hparams.n_global_crops in (1, 2), "n_global_crops", "use 1 or 2 global crops"),
-        (hparams.freeze_last_layer >= 0, "freeze_last_layer", "use a non-negative epoch count"),
-        (hparams.freeze_backbone_steps >= 0, "freeze_backbone_steps", "use 0 or more steps"),
-    ]
-    for ok, key, fix in checks:
-        if not ok:
-            raise ValueError(f"--model.{key}={hparams[key]!r} is invalid: {fix}.")

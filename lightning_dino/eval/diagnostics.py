@@ -91,6 +91,24 @@ def collapse_statistics(
         }
 
 
+@torch.no_grad()
+def teacher_entropy_ratio(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """The ``teacher_entropy_ratio`` of :func:`collapse_statistics`, alone and cheaper.
+
+    Args:
+        teacher_out: Raw teacher logits, shape (n_global, B, K).
+        center: The loss centre, shape (1, K).
+        teacher_temp: Teacher temperature for this step.
+
+    Returns:
+        Scalar float32 tensor: mean entropy of ``softmax((t - center) / teacher_temp)`` over ln K.
+    """
+    with full_precision(teacher_out.device):
+        log_p = ((teacher_out.float() - center.float()) / teacher_temp).log_softmax(dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(dim=-1).mean()
+    return entropy / math.log(teacher_out.shape[-1])
+
+
 class CollapseMonitor(Callback):
     """Warn once per mode when the teacher stays near-uniform or near-one-hot.
 
