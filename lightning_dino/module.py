@@ -340,7 +340,7 @@ class DINO(pl.LightningModule):
         if self._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
             return
         path = str(self.trainer.ckpt_path)
-        changes = hyperparameter_changes(checkpoint.get("hyper_parameters", {}), self.hparams)
+        changes = hyperparameter_changes(saved, self.hparams)
         message = structural_change_message(changes, path)
         if message:
             raise ResumeError(message)

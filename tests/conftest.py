@@ -63,3 +63,25 @@ def make_trainer(**kwargs) -> pl.Trainer:
         "max_epochs": 1,
     }
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _gloo_worker(rank: int, world_size: int, init_file: str, fn, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results[rank] = fn(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(fn, tmp_path, world_size: int = 2) -> list:
+    """Run ``fn(rank)`` in ``world_size`` gloo processes on the CPU; return each rank's result.
+
+    ``fn`` must be a module-level function (the processes are spawned and import it by name).
+    """
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_gloo_worker, args=(world_size, str(tmp_path / "init"), fn, results), nprocs=world_size, join=True)
+    return [results[rank] for rank in range(world_size)]

@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_dino import KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
+from tests.conftest import run_on_gloo
 
 
 def koleo_brute_force(x):
@@ -70,22 +69,16 @@ def test_sinkhorn_knopp_equals_the_dinov2_algorithm_and_balances_prototypes():
         assert sinkhorn_knopp(logits, 0.5).dtype == torch.float32
 
 
-def _sinkhorn_worker(rank, world_size, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
-        results[rank] = sinkhorn_knopp(logits[rank * 8:(rank + 1) * 8], teacher_temp=0.3)
-    finally:
-        dist.destroy_process_group()
+def _sinkhorn_half(rank):
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
+    return sinkhorn_knopp(logits[rank * 8:(rank + 1) * 8], teacher_temp=0.3)
 
 
 def test_sinkhorn_knopp_over_two_ranks_equals_one_process_on_all_rows(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_sinkhorn_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = run_on_gloo(_sinkhorn_half, tmp_path)
     logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
     whole = sinkhorn_knopp(logits, teacher_temp=0.3)
-    torch.testing.assert_close(torch.cat([results[0], results[1]]), whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.cat(results), whole, rtol=1e-5, atol=1e-7)
 
 
 def ibot_per_image_loop(student, teacher, masks, temp=0.1):

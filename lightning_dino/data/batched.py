@@ -260,26 +260,34 @@ class BatchedMultiCropTransform:
         s = self.settings
         batch, device = images.shape[0], images.device
         pixels = images.float().div_(255.0)
-        n_global = self.n_global_crops
-        # Global view 1 and global views 2+ differ only in blur and solarisation probability.
+        global_p, local_p = self._view_probabilities(batch, device)
+        views = self._views(
+            pixels, self.n_global_crops, s["global_crop_size"], s["global_crop_scale"], *global_p
+        )
+        if self.n_local_crops:
+            views += self._views(
+                pixels, self.n_local_crops, s["local_crop_size"], s["local_crop_scale"], *local_p
+            )
+        return views
+
+    def _view_probabilities(
+        self, batch: int, device: torch.device
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Per-crop (blur, solarisation) probabilities: (n_global, B) and (n_local, B) each.
+
+        Global view 1 and global views 2+ differ only in these; local views share one pair.
+        """
+        s = self.settings
+        n_global, local_shape = self.n_global_crops, (self.n_local_crops, batch)
         blur_p = torch.full((n_global, batch), s["blur_p"][1], device=device)
         blur_p[0] = s["blur_p"][0]
         solarize_p = torch.full((n_global, batch), s["solarize_p"], device=device)
         solarize_p[0] = 0.0
-        views = self._views(
-            pixels, n_global, s["global_crop_size"], s["global_crop_scale"], blur_p, solarize_p
+        local = (
+            torch.full(local_shape, s["blur_p"][2], device=device),
+            torch.zeros(local_shape, device=device),
         )
-        if self.n_local_crops:
-            shape = (self.n_local_crops, batch)
-            views += self._views(
-                pixels,
-                self.n_local_crops,
-                s["local_crop_size"],
-                s["local_crop_scale"],
-                torch.full(shape, s["blur_p"][2], device=device),
-                torch.zeros(shape, device=device),
-            )
-        return views
+        return (blur_p, solarize_p), local
 
     def collate(self, samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:
         """DataLoader ``collate_fn``: stack raw ``(image, label)`` samples and augment them.
@@ -414,19 +422,10 @@ class BatchedMultiCropTransform:
                 local_crops.append(
                     crop_views(pixels, n_local, s["local_crop_size"], s["local_crop_scale"])
                 )
-        batch, device = len(images), images[0].device
-        blur_p = torch.full((n_global, batch), s["blur_p"][1], device=device)
-        blur_p[0] = s["blur_p"][0]
-        solarize_p = torch.full((n_global, batch), s["solarize_p"], device=device)
-        solarize_p[0] = 0.0
-        views = self._augment(torch.stack(global_crops, dim=1), blur_p, solarize_p)
+        global_p, local_p = self._view_probabilities(len(images), images[0].device)
+        views = self._augment(torch.stack(global_crops, dim=1), *global_p)
         if n_local:
-            shape = (n_local, batch)
-            views += self._augment(
-                torch.stack(local_crops, dim=1),
-                torch.full(shape, s["blur_p"][2], device=device),
-                torch.zeros(shape, device=device),
-            )
+            views += self._augment(torch.stack(local_crops, dim=1), *local_p)
         return views
 
     def _color_jitter(self, x: Tensor) -> Tensor:

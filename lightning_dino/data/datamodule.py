@@ -308,10 +308,15 @@ class MultiCropDataModule(pl.LightningDataModule):
         Returns:
             ``(crops, labels)``; other batches are returned unchanged.
         """
-        images, labels = batch if isinstance(batch, tuple | list) and len(batch) == 2 else (0, 0)
-        raw = isinstance(images, list) and images and images[0].dtype == torch.uint8
-        if self.batched_transform is None or not raw:
+        raw = (
+            isinstance(batch, tuple | list)
+            and len(batch) == 2
+            and isinstance(batch[0], list)
+            and batch[0][0].dtype == torch.uint8
+        )
+        if self.augmentation != "device" or not raw:
             return batch
+        images, labels = batch
         return self.batched_transform.augment(images), labels
 
     def setup(self, stage: str | None = None) -> None:
@@ -417,12 +422,12 @@ class MultiCropDataModule(pl.LightningDataModule):
         self.setup()
         workers = self._num_workers()
         mode = self.augmentation
-        images = self.train_dataset if mode == "per_sample" else self._train_images
-        collate = {
-            "per_sample": None,
-            "batched": self.batched_transform.collate if self.batched_transform else None,
-            "device": collate_images,
-        }[mode]
+        if mode == "per_sample":
+            images, collate = self.train_dataset, None
+        elif mode == "batched":
+            images, collate = self._train_images, self.batched_transform.collate
+        else:  # device: the workers only decode
+            images, collate = self._train_images, collate_images
         self._train_sampler = EpochSampler.for_trainer(images, self.trainer, self._train_sampler)
         return ResumableDataLoader(
             images,

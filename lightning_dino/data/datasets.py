@@ -297,30 +297,30 @@ class _Scan:
 
     def report(self) -> None:
         """Warn once about ignored files, repeated directories and links leaving the folder."""
+        messages = []
         if self.ignored:
             ignored = sorted(self.ignored.items())
             counts = ", ".join(f"{ext} ({len(paths)})" for ext, paths in ignored)
             examples = [path for paths in self.ignored.values() for path in paths][:3]
-            warnings.warn(
+            messages.append(
                 f"ignored {sum(map(len, self.ignored.values()))} file(s) under {self.root} whose "
                 f"extension is not an image extension: {counts}; e.g. {', '.join(examples)}. "
-                f"Images are read from files ending in {', '.join(self.accepted)}.",
-                stacklevel=4,
+                f"Images are read from files ending in {', '.join(self.accepted)}."
             )
         if self.repeated:
             pairs = "; ".join(f"{link} (= {first})" for link, first in self.repeated[:5])
-            warnings.warn(
+            messages.append(
                 f"{len(self.repeated)} folder(s) under {self.root} are links to folders already "
-                f"read (a link loop or a second link to one folder), read once: {pairs}",
-                stacklevel=4,
+                f"read (a link loop or a second link to one folder), read once: {pairs}"
             )
         if self.outside:
             pairs = "; ".join(f"{link} -> {real}" for link, real in self.outside[:5])
-            warnings.warn(
+            messages.append(
                 f"{len(self.outside)} folder link(s) under {self.root} lead outside it and were "
-                f"followed: {pairs}",
-                stacklevel=4,
+                f"followed: {pairs}"
             )
+        for message in messages:
+            warnings.warn(message, stacklevel=4)
 
 
 def _check_known_classes(root: Path, folders: list[str], class_to_idx: Mapping[str, int]) -> None:
