@@ -344,7 +344,7 @@ class BatchedMultiCropTransform:
         """The per-pixel half of every view, on whole batches of cut crops.
 
         Args:
-            crops: (V, B, C, S, S) crops: uint8, or float in [0, 1] (before clamping).
+            crops: (V, B, C, S, S) crops: uint8, or float around [0, 1] (clamped in place).
             blur_p: (V, B) blur probability of each crop.
             solarize_p: (V, B) solarisation probability of each crop.
 
@@ -354,27 +354,38 @@ class BatchedMultiCropTransform:
         n_views, batch, channels, size = crops.shape[:4]
         rows = n_views * batch
         x = crops.reshape(rows, channels, size, size)
+        x = torch.div(x, 255.0) if x.dtype == torch.uint8 else x.clamp_(0.0, 1.0)
+        # The jitter goes first, over all rows (it commutes with the flip that precedes it in the
+        # reference); the other steps run a few rows at a time, so that their passes over the
+        # pixels stay in the cache (1.6x faster for 224-px crops, measured on one core).
+        x = self._color_jitter(x)
         blur_p, solarize_p = blur_p.reshape(-1), solarize_p.reshape(-1)
         out = torch.empty(rows, 3, size, size, device=x.device)
-        # A few rows at a time, so that each step's passes over the pixels stay in the cache
-        # (1.6x faster for 224-px crops than whole-batch passes, measured on one core).
         step = max(1, _CHUNK_BYTES // (channels * size * size * x.element_size()))
         for start in range(0, rows, step):
             rows_ = slice(start, start + step)
-            chunk = x[rows_].float().div_(255.0) if x.dtype == torch.uint8 else x[rows_]
-            out[rows_] = self._augment_rows(chunk, blur_p[rows_], solarize_p[rows_], size)
+            self._augment_rows(x[rows_], blur_p[rows_], solarize_p[rows_], size, out[rows_])
         return list(out.view(n_views, batch, 3, size, size).unbind(0))
 
-    def _augment_rows(self, x: Tensor, blur_p: Tensor, solarize_p: Tensor, size: int) -> Tensor:
-        """Flip, jitter, grayscale, blur, solarise and normalise (n, C, S, S) crops."""
+    def _augment_rows(
+        self, x: Tensor, blur_p: Tensor, solarize_p: Tensor, size: int, out: Tensor
+    ) -> None:
+        """Flip, grayscale, blur, solarise and normalise jittered crops into ``out``.
+
+        Args:
+            x: (n, C, S, S) jittered crops in [0, 1]; changed in place.
+            blur_p: (n,) blur probability of each crop.
+            solarize_p: (n,) solarisation probability of each crop.
+            size: S.
+            out: (n, 3, S, S) float32, receives the normalised crops.
+        """
         s = self.settings
         rows = x.shape[0]
-        # Every step below changes only the rows it draws, in place (x is this call's own tensor).
-        x = x.clamp_(0.0, 1.0)
+        # Every step below changes only the rows it draws, in place (x is a view of the caller's
+        # own tensor).
         flipped = _rows(torch.rand(rows, device=x.device) < s["hflip_p"])
         if flipped.numel():
             x[flipped] = x[flipped].flip(-1)
-        x = self._color_jitter(x)
         x = self._grayscale(x)
         x = self._blur(x, blur_p, size)
         solarized = _rows(torch.rand(rows, device=x.device) < solarize_p)
@@ -383,7 +394,7 @@ class BatchedMultiCropTransform:
             x[solarized] = torch.where(chosen >= SOLARIZE_THRESHOLD / 255.0, 1.0 - chosen, chosen)
         scale = 1.0 / torch.tensor(s["std"], device=x.device).view(1, 3, 1, 1)
         shift = -torch.tensor(s["mean"], device=x.device).view(1, 3, 1, 1) * scale
-        return torch.addcmul(shift, x.expand(-1, 3, -1, -1), scale)
+        torch.addcmul(shift, x.expand(-1, 3, -1, -1), scale, out=out)
 
     def augment_images(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Augment images of any sizes: crops cut from each original, pixel work per batch.
@@ -444,13 +455,20 @@ class BatchedMultiCropTransform:
         ]
         factors = [torch.empty(rows, device=x.device).uniform_(lo, hi) for _, lo, hi, _ in steps]
         order = torch.rand(rows, len(steps), device=x.device).argsort(dim=1)
-        for position in range(len(steps)):
-            for index, (adjust, _, _, enabled) in enumerate(steps):
-                if not enabled:
-                    continue
-                chosen = (applied & (order[:, position] == index)).nonzero().squeeze(1)
-                if chosen.numel():
-                    x[chosen] = adjust(x[chosen], factors[index][chosen])
+        # Rows that share an order (24 permutations) are jittered together: gathered once, their
+        # four steps run while the group is in the cache, written back once.
+        code = (order * torch.tensor([64, 16, 4, 1], device=x.device)).sum(dim=1)
+        code = torch.where(applied, code, -1)
+        for value in code.unique().tolist():
+            if value < 0:
+                continue
+            members = _rows(code == value)
+            group = x[members]
+            for index in order[members[0]].tolist():
+                adjust, _, _, enabled = steps[index]
+                if enabled:
+                    group = adjust(group, factors[index][members])
+            x[members] = group
         return x
 
     def _grayscale(self, x: Tensor) -> Tensor:
@@ -495,16 +513,19 @@ def crop_views(image: Tensor, n_views: int, size: int, scale: tuple[float, float
     """
     _, height, width = image.shape
     boxes = sample_crop_boxes(n_views, height, width, scale).tolist()
+    # Channels-last input takes the fast path of uint8 antialiased resizing (1.8x measured on
+    # one core, same pixels).
+    image = image[None].contiguous(memory_format=torch.channels_last)
     crops = [
         F.interpolate(
-            image[None, :, top : top + h, left : left + w],
+            image[:, :, top : top + h, left : left + w],
             size=(size, size),
             mode="bicubic",
             antialias=True,
         )
         for top, left, h, w in boxes
     ]
-    return torch.cat(crops)
+    return torch.cat(crops).contiguous()
 
 
 def collate_images(samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:

