@@ -17,7 +17,12 @@ Every pipeline turns the same files into DINO multi-crop views (2 global crops o
   :meth:`lightning_dino.data.batched.BatchedMultiCropTransform.collate` on the whole batch;
 * ``device_cpu``: the worker's share of ``--data.augmentation device``: :func:`load_image` and
   ``lightning_dino.data.batched.collate_images`` (uint8 images and labels; the augmentation
-  runs on the accelerator, not measured here).
+  runs on the accelerator, not measured here);
+* ``streaming``: ``per_sample`` reading the same photos from a local LitData dataset
+  (``--data.dataset streaming``): the stored bytes by position
+  (:class:`lightning_dino.data.StreamingImages`), decoded, then :class:`MultiCropTransform`.
+  The dataset is written once before the timed rounds by
+  :func:`lightning_dino.prepare_streaming_dataset` in one process, whose images/s is printed.
 
 Rounds are interleaved: each round runs every pipeline once over the same ``--batch`` files (a
 new slice of the folder per round, cycling), in an order rotated each round, so load from other
@@ -25,7 +30,8 @@ processes hits all pipelines alike. A pipeline's images/s is the median over rou
 to ``ref`` is the median of the per-round ratios. One untimed warm-up pass (a few files per
 pipeline) reads the files into the page cache and pays first-call costs.
 
-The last line reads ``batched/ref=<r> device_cpu/ref=<r> per_sample/ref=<r>``.
+The last line reads ``batched/ref=<r> device_cpu/ref=<r> per_sample/ref=<r>
+streaming/per_sample=<r>`` (on one line; the last ratio is the cost of streaming).
 
 Examples:
     python benchmarks/photos.py --out data/photos --n 96
@@ -39,6 +45,7 @@ import argparse
 import platform
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,12 +56,20 @@ import torchvision
 from PIL import Image, ImageFilter, ImageOps, features
 from torchvision import transforms
 
-from lightning_dino.data import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, load_image
+from lightning_dino import prepare_streaming_dataset
+from lightning_dino.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCropTransform,
+    StreamingImages,
+    load_image,
+)
 from lightning_dino.data import batched as batched_module
 from lightning_dino.data.datasets import IMG_EXTENSIONS
+from lightning_dino.prepare import plan_splits, scan_layout
 
 N_LOCAL_CROPS = 8
-PIPELINES = ("decode", "ref", "per_sample", "batched", "device_cpu")
+PIPELINES = ("decode", "ref", "per_sample", "batched", "device_cpu", "streaming")
 RATIOS = ("batched", "device_cpu", "per_sample")  # the last line, in this order
 WARMUP_FILES = 4
 
@@ -180,11 +195,30 @@ def collate_images_stand_in(
     return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 
+def prepare_photos(photos: Path, out: Path) -> tuple[StreamingImages, dict[Path, int], str]:
+    """Write the photos as a LitData dataset in one process; its reader, positions and a note."""
+    start = time.perf_counter()
+    metadata = prepare_streaming_dataset(
+        photos, out, val_fraction=0.0, num_workers=1, progress=False
+    )
+    seconds = time.perf_counter() - start
+    unreadable = {path for path, _ in metadata["skipped"]}
+    _, splits = plan_splits(scan_layout(photos), 0.0, unreadable)
+    position = {Path(path).resolve(): i for i, (path, _) in enumerate(splits["train"])}
+    size = metadata["splits"]["train"]["size"]
+    note = (
+        f"streaming: prepared {size} photos in {seconds:.2f} s on one process "
+        f"(decode check + write) = {size / seconds:.1f} images/s"
+    )
+    return StreamingImages(str(out / "train")), position, note
+
+
 def make_pipelines(
-    args: argparse.Namespace,
+    args: argparse.Namespace, prepared: tuple[StreamingImages, dict[Path, int], str]
 ) -> tuple[dict[str, Callable[[list[Path]], object]], list[str]]:
     """The pipelines by name, each mapping a list of files to its output, and notes to print."""
-    notes = []
+    stored, position, prepare_note = prepared
+    notes = [prepare_note]
     ref = RefDataAugmentationDINO(args.global_crop_size, args.local_crop_size, N_LOCAL_CROPS)
     per_sample = MultiCropTransform(
         global_crop_size=args.global_crop_size,
@@ -225,12 +259,16 @@ def make_pipelines(
     def device_cpu(files: list[Path]) -> object:
         return collate_images([(load_image(p), 0) for p in files])
 
+    def streaming(files: list[Path]) -> object:
+        return [per_sample(stored[position[p.resolve()]][0]) for p in files]
+
     pipelines = {
         "decode": decode,
         "ref": reference,
         "per_sample": per_sample_pipeline,
         "batched": batched_pipeline,
         "device_cpu": device_cpu,
+        "streaming": streaming,
     }
     return pipelines, notes
 
@@ -280,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     files = find_images(args.photos)
     if not files:
         raise SystemExit(f"no images under {args.photos}")
-    pipelines, notes = make_pipelines(args)
+    prepared_dir = tempfile.TemporaryDirectory(prefix="pipeline_throughput_")
+    prepared = prepare_photos(args.photos, Path(prepared_dir.name) / "prepared")
+    pipelines, notes = make_pipelines(args, prepared)
 
     print(f"photos: {args.photos}: {describe_images(files)}")
     print(
@@ -342,7 +382,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{ratio[name]:>13.2f} {statistics.median(cpu_share[name]):>9.2f}"
         )
     print("(median over rounds; ratio = median of per-round ratios; cpu/wall ~1 means one core)")
-    print(" ".join(f"{name}/ref={ratio[name]:.2f}" for name in RATIOS))
+    streaming_ratio = statistics.median(
+        a / b for a, b in zip(rates["streaming"], rates["per_sample"], strict=True)
+    )
+    print(
+        " ".join(f"{name}/ref={ratio[name]:.2f}" for name in RATIOS)
+        + f" streaming/per_sample={streaming_ratio:.2f}"
+    )
+    prepared_dir.cleanup()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from lightning_dino.loss import DINOLoss
 from lightning_dino.module import DINO
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.preemption import TrainingInterrupted
+from lightning_dino.prepare import prepare_streaming_dataset
 from lightning_dino.schedules import StepScheduler
 from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
 from lightning_dino.teacher import TeacherEMA, ema_update
@@ -59,5 +60,6 @@ __all__ = [
     "knn_accuracy",
     "load_backbone",
     "load_embeddings",
+    "prepare_streaming_dataset",
     "sinkhorn_knopp",
 ]

@@ -2,12 +2,14 @@
 
 ``fit`` goes to LightningCLI (``DINO`` +
 ``MultiCropDataModule``, keys ``--model.*``, ``--data.*``, ``--trainer.*``); the tools
-(``export``, ``knn``...) are plain functions whose typed arguments jsonargparse turns into flags.
+(``export``, ``knn``, ``prepare``...) are plain functions whose typed arguments jsonargparse
+turns into flags.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +28,11 @@ from lightning_dino.resume import ResumeError, hyperparameter_changes, structura
 
 # Tool name -> "module:function"; imported only when the tool runs.
 TOOLS: dict[str, str] = {
-    name: f"lightning_dino.tools:{name}"
-    for name in ("export", "embed", "knn", "probe", "attention")
+    **{
+        name: f"lightning_dino.tools:{name}"
+        for name in ("export", "embed", "knn", "probe", "attention")
+    },
+    "prepare": "lightning_dino.prepare:prepare_streaming_dataset",
 }
 
 
@@ -154,7 +159,24 @@ def run_tool(name: str, args: list[str]) -> Any:
     tool = _load_tool(name)
     parser = ArgumentParser(prog=f"lightning-dino {name}", description=tool.__doc__.splitlines()[0])
     parser.add_function_arguments(tool, as_positional=False)
+    args = _with_bare_flags_true(tool, args)
     return tool(**parser.instantiate(parser.parse_args(args)).as_dict())
+
+
+def _with_bare_flags_true(tool: Callable[..., Any], args: list[str]) -> list[str]:
+    """Read a boolean flag given without a value (``--overwrite``) as ``--overwrite true``."""
+    flags = {
+        f"--{name}"
+        for name, annotation in inspect.get_annotations(tool, eval_str=True).items()
+        if annotation is bool
+    }
+    expanded = []
+    for position, arg in enumerate(args):
+        expanded.append(arg)
+        following = args[position + 1] if position + 1 < len(args) else "--"
+        if arg in flags and following.startswith("--"):
+            expanded.append("true")
+    return expanded
 
 
 def _overview() -> str:

@@ -96,10 +96,12 @@ def test_pipeline_throughput_runs_on_mixed_sizes_and_ends_with_the_ratios(tmp_pa
     )
     text = "\n".join(lines)
     assert "torch.set_num_threads(1)" in text
-    for name in ("decode", "ref", "per_sample", "batched", "device_cpu"):
+    for name in ("decode", "ref", "per_sample", "batched", "device_cpu", "streaming"):
         assert re.search(rf"^{name}\s+\d", text, re.MULTILINE), text
+    assert re.search(r"streaming: prepared 6 photos in .* = \d+\.\d images/s", text), text
     match = re.fullmatch(
-        r"batched/ref=(\d+\.\d\d) device_cpu/ref=(\d+\.\d\d) per_sample/ref=(\d+\.\d\d)",
+        r"batched/ref=(\d+\.\d\d) device_cpu/ref=(\d+\.\d\d) per_sample/ref=(\d+\.\d\d)"
+        r" streaming/per_sample=(\d+\.\d\d)",
         lines[-1],
     )
     assert match, lines[-1]

@@ -13,6 +13,7 @@ from lightning_dino.data.datasets import (
     make_synthetic_images,
     torchvision_dataset,
 )
+from lightning_dino.data.streaming import PreparedDataset, StreamingImages, decode_image
 from lightning_dino.data.transforms import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -34,8 +35,11 @@ __all__ = [
     "ImageFolderDataset",
     "MultiCropDataModule",
     "MultiCropTransform",
+    "PreparedDataset",
+    "StreamingImages",
     "TensorImageDataset",
     "TransformDataset",
+    "decode_image",
     "load_fashion_mnist",
     "load_image",
     "make_synthetic_images",

@@ -20,19 +20,25 @@ from lightning_dino.data.datasets import (
     torchvision_dataset,
 )
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
+from lightning_dino.data.streaming import PreparedDataset, streaming_loader
 from lightning_dino.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalTransform,
     MultiCropTransform,
+    min_decode_pixels,
     to_uint8_tensor,
 )
 
-DatasetName = Literal["folder", "fashion_mnist", "cifar10", "stl10", "synthetic"]
+DatasetName = Literal["folder", "streaming", "fashion_mnist", "cifar10", "stl10", "synthetic"]
 
 _MAX_DEFAULT_WORKERS = 8
 _SPLIT_SEED = 0  # fixes the folder hold-out and the ``subset`` draw
-_NEEDS_DATA_DIR = ("folder", "cifar10", "stl10")
+_NEEDS_DATA_DIR = ("folder", "streaming", "cifar10", "stl10")
+_DATA_DIR_KIND = {
+    "folder": "image folder",
+    "streaming": "directory or URL written by `lightning-dino prepare`",
+}
 _DOWNLOADABLE = ("fashion_mnist", "cifar10", "stl10")
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "stl10": 10}
 # The multi-crop arguments, shared by MultiCropTransform and BatchedMultiCropTransform.
@@ -79,10 +85,17 @@ class MultiCropDataModule(pl.LightningDataModule):
       labelled images is held out for k-NN val, and the rest (with any unlabeled images)
       is used for training and k-NN train. A folder without class subfolders has no k-NN
       data.
+    * ``streaming``: a folder prepared once by ``lightning-dino prepare`` (see
+      :mod:`lightning_dino.data.streaming`), streamed with LitData: its ``train`` split / the
+      labelled images of ``train`` / its ``val`` split, which ``prepare`` made like ``folder``
+      makes its splits (its ``--val_fraction``; ``--data.val_fraction`` does not apply).
+      LitData shuffles and shards the training images over processes and workers, and the
+      loader's position is saved in checkpoints, so a resumed run continues mid-epoch.
 
     Args:
         dataset: Which data to use.
-        data_dir: Image folder (``folder``), torchvision root (``cifar10``, ``stl10``) or
+        data_dir: Image folder (``folder``), prepared directory or URL such as
+            ``s3://bucket/dir`` (``streaming``), torchvision root (``cifar10``, ``stl10``) or
             idx directory (``fashion_mnist``; also searches ``data_dir/FashionMNIST/raw``
             and ``/usr/share/datasets/fashion-mnist``). Unused by ``synthetic``.
         batch_size: Training images per device (each gives ``n_crops`` crops).
@@ -129,6 +142,8 @@ class MultiCropDataModule(pl.LightningDataModule):
             device after the transfer (``on_after_batch_transfer``), batched; for GPUs, where
             the CPU would otherwise starve the accelerator.
             ``"auto"`` (default): ``device`` when training on a GPU, else ``batched``.
+        cache_dir: Where LitData caches the chunks of a remote ``streaming`` dataset; None
+            uses LitData's default. Local datasets are read in place.
 
     Raises:
         ValueError: If an argument is invalid; the message names the ``--data.`` key.
@@ -167,6 +182,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         synthetic_image_size: int = 32,
         synthetic_num_classes: int = 10,
         augmentation: Literal["auto", "per_sample", "batched", "device"] = "auto",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -205,6 +221,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         self.knn_train_dataset: Dataset | None = None
         self.knn_val_dataset: Dataset | None = None
         self._folder_classes: list[str] | None = None
+        self._train_size: int | None = None  # streaming: the train split's image count
 
     def _check_arguments(self) -> None:
         """Validate the arguments that the transforms do not check."""
@@ -241,7 +258,12 @@ class MultiCropDataModule(pl.LightningDataModule):
         if hp.dataset in _NEEDS_DATA_DIR and hp.data_dir is None:
             raise ValueError(
                 f"--data.data_dir is required for --data.dataset {hp.dataset}: set it to the "
-                f"{'image folder' if hp.dataset == 'folder' else 'torchvision root'}"
+                f"{_DATA_DIR_KIND.get(hp.dataset, 'torchvision root')}"
+            )
+        if hp.dataset == "streaming" and hp.subset is not None:
+            raise ValueError(
+                "--data.subset does not apply to --data.dataset streaming; prepare a smaller "
+                "folder instead (lightning-dino prepare --data_dir SMALLER_FOLDER --out DIR)"
             )
         if hp.download and hp.dataset not in _DOWNLOADABLE:
             raise ValueError(
@@ -259,15 +281,16 @@ class MultiCropDataModule(pl.LightningDataModule):
         """Number of classes, or None for unlabeled data (a flat ``folder``).
 
         Raises:
-            RuntimeError: For ``folder`` before :meth:`setup` (the classes come from disk).
+            RuntimeError: For ``folder`` and ``streaming`` before :meth:`setup` (the classes
+                come from disk).
         """
         dataset = self.hparams.dataset
         if dataset == "synthetic":
             return self.hparams.synthetic_num_classes
-        if dataset != "folder":
+        if dataset not in ("folder", "streaming"):
             return _NUM_CLASSES[dataset]
         if self._folder_classes is None:
-            raise RuntimeError("num_classes of a folder dataset is known after setup()")
+            raise RuntimeError(f"num_classes of a {dataset} dataset is known after setup()")
         return len(self._folder_classes) or None
 
     @property
@@ -330,6 +353,9 @@ class MultiCropDataModule(pl.LightningDataModule):
         """
         if self.train_dataset is not None:
             return
+        if self.hparams.dataset == "streaming":
+            self._setup_streaming()
+            return
         train, knn_train, knn_val = self._build_splits()
         train = self._subset(train)
         self.train_dataset = TransformDataset(train, self.train_transform)
@@ -340,6 +366,20 @@ class MultiCropDataModule(pl.LightningDataModule):
         if knn_val is not None:
             self.knn_val_dataset = TransformDataset(self._subset(knn_val), self.eval_transform)
         self._check_batch_size(len(self.train_dataset))
+
+    def _setup_streaming(self) -> None:
+        """Open a prepared dataset: LitData streams for training, random access for k-NN."""
+        prepared = PreparedDataset.open(self.hparams.data_dir, self.hparams.cache_dir)
+        self._folder_classes = prepared.classes
+        self._train_size = prepared.train_size
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
+        self.train_dataset = prepared.train_stream(self.train_transform, seed)
+        if self.batched_transform is not None:
+            self._train_images = prepared.train_stream(None, seed)
+        for name, split in [("knn_train", prepared.knn_train()), ("knn_val", prepared.knn_val())]:
+            if split is not None:
+                setattr(self, f"{name}_dataset", TransformDataset(split, self.eval_transform))
+        self._check_batch_size(prepared.train_size)
 
     def _build_splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
         """Untransformed (train, k-NN train, k-NN val) datasets of ``(image, label)``."""
@@ -373,13 +413,17 @@ class MultiCropDataModule(pl.LightningDataModule):
         root, skip = self.hparams.data_dir, self.hparams.skip_corrupt
         train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
         has_split_dirs = os.path.isdir(train_dir)
-        data = ImageFolderDataset(train_dir if has_split_dirs else root, skip_corrupt=skip)
+        data = ImageFolderDataset(
+            train_dir if has_split_dirs else root, skip_corrupt=skip, **self._decode_sizes()
+        )
         self._folder_classes = data.classes
         labelled = [i for i, label in enumerate(data.labels) if label >= 0]
         if not labelled:
             return data, None, None
         if has_split_dirs and os.path.isdir(val_dir):
-            val = ImageFolderDataset(val_dir, skip_corrupt=skip, class_to_idx=data.class_to_idx)
+            val = ImageFolderDataset(
+                val_dir, skip_corrupt=skip, class_to_idx=data.class_to_idx, **self._decode_sizes()
+            )
             val_labelled = [i for i, label in enumerate(val.labels) if label >= 0]
             knn_val = Subset(val, val_labelled) if val_labelled else None
             return data, Subset(data, labelled), knn_val
@@ -388,6 +432,14 @@ class MultiCropDataModule(pl.LightningDataModule):
         knn_train = Subset(data, [i for i in labelled if i not in held_out])
         knn_val = Subset(data, sorted(held_out)) if held_out else None
         return train, knn_train, knn_val
+
+    def _decode_sizes(self) -> dict[str, int]:
+        """Reduced-size JPEG decoding that no training crop or evaluation resize upsamples."""
+        hp = self.hparams
+        views = [(hp.global_crop_size, hp.global_crop_scale)]
+        if hp.n_local_crops:
+            views.append((hp.local_crop_size, hp.local_crop_scale))
+        return {"min_pixels": min_decode_pixels(views), "min_side": self.eval_transform.resize}
 
     def _subset(self, dataset: Dataset) -> Dataset:
         """At most ``subset`` samples of ``dataset``, a fixed random draw kept in order."""
@@ -413,7 +465,8 @@ class MultiCropDataModule(pl.LightningDataModule):
 
         The order is a seeded shuffle per epoch (seed of ``seed_everything``), sharded over the
         processes, and resumes mid-epoch from a checkpoint (see
-        :class:`~lightning_dino.data.sampler.ResumableDataLoader`).
+        :class:`~lightning_dino.data.sampler.ResumableDataLoader`; for ``streaming``, LitData's
+        ``StreamingDataLoader``, sharded over processes and workers).
 
         Returns:
             A DataLoader yielding a list of ``n_crops`` float32 tensors
@@ -428,6 +481,10 @@ class MultiCropDataModule(pl.LightningDataModule):
             images, collate = self._train_images, self.batched_transform.collate
         else:  # device: the workers only decode
             images, collate = self._train_images, collate_images
+        if self.hparams.dataset == "streaming":  # LitData shuffles, shards and resumes
+            return streaming_loader(
+                images, self.hparams.batch_size, workers, collate, self._pin_memory()
+            )
         self._train_sampler = EpochSampler.for_trainer(images, self.trainer, self._train_sampler)
         return ResumableDataLoader(
             images,
@@ -521,7 +578,10 @@ class MultiCropDataModule(pl.LightningDataModule):
             ("knn_train", self.knn_train_dataset),
             ("knn_val", self.knn_val_dataset),
         ]:
-            size = "no" if dataset is None else len(dataset)  # type: ignore[arg-type]
+            if name == "train" and self._train_size is not None:
+                size = self._train_size  # a stream's len() is this process's share
+            else:
+                size = "no" if dataset is None else len(dataset)  # type: ignore[arg-type]
             lines.append(f"{name}: {size} images")
         return "\n".join(lines)
 

@@ -93,6 +93,9 @@ class ImageFolderDataset(Dataset):
         skip_corrupt: Skip unreadable files with a warning instead of raising.
         class_to_idx: Fixed class name -> label map (e.g. a train split's, for its val
             split); None derives it from the subfolders.
+        min_pixels: Let :func:`load_image` decode JPEGs at a reduced size of at least this
+            many pixels; None (default) decodes at full size.
+        min_side: With ``min_pixels``: the reduced size's shorter side is at least this.
 
     Raises:
         FileNotFoundError: If ``root`` is missing, not a directory, or holds no image.
@@ -111,8 +114,11 @@ class ImageFolderDataset(Dataset):
         extensions: Sequence[str] = IMG_EXTENSIONS,
         skip_corrupt: bool = True,
         class_to_idx: Mapping[str, int] | None = None,
+        min_pixels: int | None = None,
+        min_side: int = 0,
     ) -> None:
         self.root = Path(root)
+        self.min_pixels, self.min_side = min_pixels, min_side
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         found = find_image_files(self.root, extensions)
@@ -157,7 +163,7 @@ class ImageFolderDataset(Dataset):
             if path in self.failed_at_load:
                 continue
             try:
-                image = load_image(path)
+                image = load_image(path, self.min_pixels, self.min_side)
             except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
                 self._record_load_failure(path, err)
                 continue
@@ -390,14 +396,27 @@ def _jpeg_looks_truncated(path: str) -> bool:
         return _JPEG_EOI not in file.read()
 
 
-def load_image(path: str | os.PathLike[str]) -> Tensor:
+def load_image(
+    path: str | os.PathLike[str], min_pixels: int | None = None, min_side: int = 0
+) -> Tensor:
     """Decode an image file of any PIL mode to RGB, upright.
 
     The EXIF orientation tag (set by phone cameras, which store the pixels as the sensor saw
     them) is applied, so the image is the way photo viewers show it.
 
+    With ``min_pixels``, a JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8 of its
+    size (DCT scaling, PIL's ``draft``: several times faster for phone photos), the
+    strongest reduction that keeps at least ``min_pixels`` pixels and a shorter side of at
+    least ``min_side``. Training passes
+    :func:`~lightning_dino.data.transforms.min_decode_pixels` (and the evaluation resize as
+    ``min_side``), so no crop is upsampled that the full decode would have downsampled;
+    crop boxes are then drawn from the reduced size (the same area fractions and aspect
+    ratios, on a coarser pixel grid). Other formats are always decoded at full size.
+
     Args:
         path: Image file path.
+        min_pixels: Fewest pixels a reduced decode may have; None decodes at full size.
+        min_side: Shortest side a reduced decode may have (with ``min_pixels`` only).
 
     Returns:
         A uint8 tensor of shape (3, H, W); see
@@ -405,8 +424,34 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
         (16-bit scaled to 8 bits, palette expanded, alpha dropped, gray replicated).
     """
     with Image.open(path) as image:
+        if min_pixels is not None and image.format == "JPEG":
+            reduction = jpeg_reduction(image.size, min_pixels, min_side)
+            if reduction > 1:
+                width, height = image.size
+                # PIL picks the reduction from the floor of the size ratio.
+                image.draft("RGB", (width // reduction, height // reduction))
         image.load()
         return to_rgb_uint8_tensor(ImageOps.exif_transpose(image))
+
+
+def jpeg_reduction(size: tuple[int, int], min_pixels: int, min_side: int = 0) -> int:
+    """Strongest JPEG DCT reduction (1, 2, 4 or 8) that keeps ``min_pixels`` and ``min_side``.
+
+    Args:
+        size: (width, height) of the full image.
+        min_pixels: Fewest pixels the reduced image may have.
+        min_side: Shortest side the reduced image may have.
+
+    Returns:
+        The reduction factor; the decoded image is ceil(width / f) x ceil(height / f).
+    """
+    width, height = size
+    for reduction in (8, 4, 2):
+        reduced_w, reduced_h = -(-width // reduction), -(-height // reduction)
+        fits = reduced_w * reduced_h >= min_pixels and min(reduced_w, reduced_h) >= min_side
+        if fits and min(width, height) >= reduction:
+            return reduction
+    return 1
 
 
 class TensorImageDataset(Dataset):

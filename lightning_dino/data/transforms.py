@@ -87,9 +87,12 @@ def to_rgb_uint8_tensor(image: Image.Image | Tensor) -> Tensor:
         image: A PIL image of any mode or a uint8 tensor (H, W), (1, H, W) or (3, H, W).
 
     Returns:
-        A contiguous uint8 tensor of shape (3, H, W).
+        A uint8 tensor of shape (3, H, W) without overlapping elements. A PIL image's pixels
+        stay in the channels-last order they were decoded in (a permuted view, no copy),
+        which is also the layout of the fast path of antialiased resizing.
     """
-    return _expand_to_rgb(to_uint8_tensor(image)).contiguous()
+    pixels = to_uint8_tensor(image)
+    return pixels.expand(3, -1, -1).contiguous() if pixels.shape[-3] == 1 else pixels
 
 
 def _pil_to_uint8_tensor(image: Image.Image) -> Tensor:
@@ -131,6 +134,30 @@ def blur_kernel_size(crop_size: int, max_sigma: float) -> int:
     covering = 2 * math.ceil(_BLUR_SIGMAS_COVERED * max_sigma) + 1
     largest_odd_in_crop = crop_size if crop_size % 2 == 1 else crop_size - 1
     return max(1, min(covering, largest_odd_in_crop))
+
+
+def min_decode_pixels(views: Sequence[tuple[int, tuple[float, float]]]) -> int:
+    """Fewest pixels an image may be decoded at without any ``RandomResizedCrop`` upsampling.
+
+    A crop covering the fraction ``scale`` of an A-pixel image with aspect ratio r in
+    [3/4, 4/3] has sides sqrt(A scale r) and sqrt(A scale / r), the shorter at least
+    sqrt(3/4 A scale_min). Keeping that at least ``size + 1`` (one pixel for the rounding of
+    the box) for every view type bounds A from below. A JPEG decoded at a reduced size
+    (:func:`~lightning_dino.data.load_image` with ``min_pixels``) of at least this many
+    pixels only ever has its crops downsampled, as the full image's would be.
+
+    Args:
+        views: ``(output size, (min scale, max scale))`` of each view type, e.g. the global
+            and the local crops.
+
+    Returns:
+        The smallest decoded area, in pixels.
+
+    Examples:
+        >>> min_decode_pixels([(224, (0.4, 1.0)), (96, (0.05, 0.4))])
+        250907
+    """
+    return max(math.ceil((size + 1) ** 2 / (0.75 * scale[0])) for size, scale in views)
 
 
 class MultiCropTransform:

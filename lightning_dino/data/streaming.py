@@ -1,0 +1,266 @@
+"""Stream a dataset prepared by ``lightning-dino prepare`` with LitData, on one node or many.
+
+``lightning-dino prepare`` (:func:`lightning_dino.prepare.prepare`) writes an image folder as a
+LitData optimised dataset: the files' encoded bytes (JPEG, PNG... as found) in chunks, with their
+labels. The layout of a prepared directory ``DIR`` (a local path or a URL such as ``s3://...``)::
+
+    DIR/lightning_dino.json   classes and split sizes (:data:`METADATA_FILENAME`)
+    DIR/train/                the training images: labelled ones first, then unlabelled ones
+    DIR/val/                  held-out labelled images for k-NN val (absent when there are none)
+
+Training streams ``DIR/train`` through LitData's ``StreamingDataset`` and ``StreamingDataLoader``:
+LitData shuffles (seeded, a new order each epoch), gives each rank and each worker a disjoint part
+of every epoch, and saves where the epoch stands in the loader's ``state_dict()``, which Lightning
+stores in every checkpoint, so a resumed run continues with the samples not yet seen. Images are
+decoded in the loader's workers (:class:`DecodeSample`); the multi-crop augmentation then runs
+wherever ``--data.augmentation`` says, as for an image folder. The k-NN splits are read by position
+(:class:`StreamingImages`), in a fixed order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.downloader import get_downloader
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, default_collate
+
+from lightning_dino.data.transforms import to_rgb_uint8_tensor
+
+METADATA_FILENAME = "lightning_dino.json"
+"""Name of the file, beside the splits, that holds the classes and the split sizes."""
+
+METADATA_VERSION = 1
+
+
+def decode_image(data: bytes | memoryview) -> Tensor:
+    """Decode an encoded image (JPEG, PNG...) held in memory, as ``load_image`` decodes files.
+
+    Args:
+        data: The encoded bytes of an image file.
+
+    Returns:
+        A uint8 tensor of shape (3, H, W), upright (EXIF orientation applied), RGB.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return to_rgb_uint8_tensor(ImageOps.exif_transpose(image))
+
+
+class DecodeSample:
+    """LitData item ``{"image": bytes, "label": int, ...}`` -> ``(transform(image), label)``.
+
+    Given to ``StreamingDataset(transform=...)``, so it runs in the loader's worker processes.
+
+    Args:
+        transform: Applied to the decoded uint8 (3, H, W) image; None keeps the image.
+    """
+
+    def __init__(self, transform: Callable[[Tensor], Any] | None = None) -> None:
+        self.transform = transform
+
+    def __call__(self, item: Mapping[str, Any]) -> tuple[Any, int]:
+        """Decode ``item["image"]`` and transform it.
+
+        Args:
+            item: A sample of a prepared dataset.
+
+        Returns:
+            ``(image, label)``: the transformed image (uint8 (3, H, W) without a transform) and the
+            int label, -1 for an unlabelled image.
+        """
+        image = decode_image(item["image"])
+        return (self.transform(image) if self.transform else image), int(item["label"])
+
+
+class StreamingImages(Dataset):
+    """Random access to a prepared split: ``(uint8 (3, H, W) image, label)`` by position.
+
+    Every process reads all of it (no sharding), as the k-NN evaluation needs.
+
+    Args:
+        input_dir: The split's directory or URL (e.g. ``DIR/val``).
+        cache_dir: LitData's chunk cache for a remote split; None uses LitData's default.
+    """
+
+    def __init__(self, input_dir: str, cache_dir: str | None = None) -> None:
+        self.input_dir = input_dir
+        self.dataset = StreamingDataset(input_dir, cache_dir=cache_dir)
+        self.decode = DecodeSample()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Decode the sample at ``index``; see the class description."""
+        return self.decode(self.dataset[index])
+
+
+@dataclass
+class PreparedDataset:
+    """A directory written by ``lightning-dino prepare``, opened for training and k-NN.
+
+    Attributes:
+        root: The directory or URL.
+        classes: Class names, label ``i`` being ``classes[i]``; empty for an unlabelled folder.
+        train_size: Images in the ``train`` split.
+        train_labelled: How many of them (the first ones) have a label.
+        val_size: Images in the ``val`` split (0 when it is absent).
+        cache_dir: LitData's chunk cache for a remote dataset (None: LitData's default).
+    """
+
+    root: str
+    classes: list[str]
+    train_size: int
+    train_labelled: int
+    val_size: int
+    cache_dir: str | None = None
+
+    @classmethod
+    def open(cls, root: str, cache_dir: str | None = None) -> PreparedDataset:
+        """Read the metadata of a prepared directory.
+
+        Args:
+            root: The ``--out`` of ``lightning-dino prepare``: a local path or a URL.
+            cache_dir: LitData's chunk cache (also where a remote metadata file is fetched to).
+
+        Returns:
+            The opened dataset.
+
+        Raises:
+            FileNotFoundError: If ``root`` holds no ``lightning_dino.json``.
+            ValueError: If that file is of another format version.
+        """
+        metadata = _read_metadata(root, cache_dir)
+        if metadata.get("version") != METADATA_VERSION:
+            raise ValueError(
+                f"{split_dir(root, METADATA_FILENAME)} has format version "
+                f"{metadata.get('version')!r}; this lightning-dino reads version "
+                f"{METADATA_VERSION}: prepare the folder again (lightning-dino prepare "
+                "--overwrite true)"
+            )
+        splits = metadata["splits"]
+        val = splits.get("val", {"size": 0})
+        return cls(
+            root=root,
+            classes=list(metadata["classes"]),
+            train_size=splits["train"]["size"],
+            train_labelled=splits["train"]["labelled"],
+            val_size=val["size"],
+            cache_dir=cache_dir,
+        )
+
+    def train_stream(
+        self, transform: Callable[[Tensor], Any] | None = None, seed: int = 0
+    ) -> StreamingDataset:
+        """The shuffled ``train`` split as a LitData ``StreamingDataset`` of ``(image, label)``.
+
+        Build it inside each training process (after the process group is up): LitData reads
+        the world size and rank when the dataset is created.
+
+        Args:
+            transform: Applied to each decoded uint8 (3, H, W) image in the workers.
+            seed: Seed of the shuffles, the same on every rank.
+
+        Returns:
+            A ``litdata.StreamingDataset`` that drops the tail of an epoch so every rank and
+            worker gets whole batches of the same count.
+        """
+        return StreamingDataset(
+            split_dir(self.root, "train"),
+            cache_dir=self.cache_dir,
+            shuffle=True,
+            drop_last=True,
+            seed=seed,
+            transform=DecodeSample(transform),
+        )
+
+    def knn_train(self) -> Dataset | None:
+        """The labelled training images in a fixed order, or None for unlabelled data."""
+        if not self.classes or self.train_labelled == 0:
+            return None
+        images = StreamingImages(split_dir(self.root, "train"), self.cache_dir)
+        if self.train_labelled == self.train_size:
+            return images
+        return Subset(images, range(self.train_labelled))
+
+    def knn_val(self) -> Dataset | None:
+        """The held-out labelled images in a fixed order, or None without a ``val`` split."""
+        if self.val_size == 0:
+            return None
+        return StreamingImages(split_dir(self.root, "val"), self.cache_dir)
+
+
+def streaming_loader(
+    dataset: StreamingDataset,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    pin_memory: bool = False,
+) -> StreamingDataLoader:
+    """A LitData ``StreamingDataLoader`` of whole batches whose ``state_dict`` resumes mid-epoch.
+
+    Lightning saves the loader's ``state_dict()`` in each checkpoint (in the fit loop's state,
+    ``loops.fit_loop.state_dict.combined_loader``) and loads it before the resumed epoch starts;
+    resume with the same devices, ``batch_size`` and ``num_workers`` to continue with exactly the
+    samples not yet seen.
+
+    Args:
+        dataset: A ``StreamingDataset`` (:meth:`PreparedDataset.train_stream`).
+        batch_size: Samples per batch and process.
+        num_workers: Worker processes (0 reads in the main process).
+        collate_fn: Builds a batch from a list of ``(image, label)``; None stacks them.
+        pin_memory: Pin the batches' host memory.
+
+    Returns:
+        The ``litdata.StreamingDataLoader``.
+    """
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn or default_collate,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+    )
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a remote URL (``s3://``, ``gs://``...) rather than a local path."""
+    return "://" in path
+
+
+def split_dir(root: str, name: str) -> str:
+    """``root/name`` for a local path or a URL (always with ``/`` for URLs)."""
+    return f"{root.rstrip('/')}/{name}" if is_url(root) else os.path.join(root, name)
+
+
+def _read_metadata(root: str, cache_dir: str | None) -> dict[str, Any]:
+    """The JSON of ``root/lightning_dino.json``, fetched first when ``root`` is a URL."""
+    path = split_dir(root, METADATA_FILENAME)
+    missing = (
+        f"{path} not found: --data.data_dir must be a directory written by `lightning-dino "
+        "prepare --data_dir FOLDER --out DIR` (or its copy in object storage); run prepare first"
+    )
+    if not is_url(root):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(missing)
+        with open(path) as file:
+            return json.load(file)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as local_dir:
+        local = os.path.join(local_dir, METADATA_FILENAME)
+        try:
+            get_downloader(root, local_dir, []).download_file(path, local)
+        except Exception as err:  # each storage client raises its own errors
+            raise FileNotFoundError(f"{missing} ({type(err).__name__}: {err})") from err
+        with open(local) as file:
+            return json.load(file)
