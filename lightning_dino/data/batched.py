@@ -343,6 +343,12 @@ class BatchedMultiCropTransform:
     def _augment(self, crops: Tensor, blur_p: Tensor, solarize_p: Tensor) -> list[Tensor]:
         """The per-pixel half of every view, on whole batches of cut crops.
 
+        Every random choice is drawn for all crops first. Crops that share a colour-jitter
+        order (24 permutations, plus "not jittered") then go through all the steps together,
+        a few at a time: gathered and converted to float once, jittered, flipped (the flip
+        commutes with the jitter that follows it in the reference), grayscaled, blurred,
+        solarised and normalised while they are in the cache, written out once.
+
         Args:
             crops: (V, B, C, S, S) crops: uint8, or float around [0, 1] (clamped).
             blur_p: (V, B) blur probability of each crop.
@@ -352,47 +358,86 @@ class BatchedMultiCropTransform:
             V normalised float32 (B, 3, S, S) views.
         """
         n_views, batch, channels, size = crops.shape[:4]
-        rows = n_views * batch
-        # The jitter goes first, over all rows (it commutes with the flip that precedes it in the
-        # reference); the other steps run a few rows at a time, so that their passes over the
-        # pixels stay in the cache (1.6x faster for 224-px crops, measured on one core).
-        x = self._color_jitter(crops.reshape(rows, channels, size, size))
-        blur_p, solarize_p = blur_p.reshape(-1), solarize_p.reshape(-1)
-        out = torch.empty(rows, 3, size, size, device=x.device)
-        step = max(1, _CHUNK_BYTES // (channels * size * size * x.element_size()))
-        for start in range(0, rows, step):
-            rows_ = slice(start, start + step)
-            self._augment_rows(x[rows_], blur_p[rows_], solarize_p[rows_], size, out[rows_])
+        rows, device = n_views * batch, crops.device
+        x = crops.reshape(rows, channels, size, size)
+        draws = self._draws(rows, blur_p.reshape(-1), solarize_p.reshape(-1), device)
+        out = torch.empty(rows, 3, size, size, device=device)
+        step = max(1, _CHUNK_BYTES // (channels * size * size * 4))
+        # Rows are gathered with index_select: 5x faster than x[indices] on the CPU (measured).
+        for members, order in _jitter_groups(draws["jitter_code"]):
+            for start in range(0, members.numel(), step):
+                chunk = members[start : start + step]
+                pixels = self._jitter(_to_unit(x.index_select(0, chunk)), order, draws, chunk)
+                out[chunk] = self._finish(pixels, draws, chunk, size)
         return list(out.view(n_views, batch, 3, size, size).unbind(0))
 
-    def _augment_rows(
-        self, x: Tensor, blur_p: Tensor, solarize_p: Tensor, size: int, out: Tensor
-    ) -> None:
-        """Flip, grayscale, blur, solarise and normalise jittered crops into ``out``.
+    def _draws(
+        self, rows: int, blur_p: Tensor, solarize_p: Tensor, device: torch.device
+    ) -> dict[str, Tensor]:
+        """Every crop's random choices, (rows,) each, drawn as the reference draws them.
 
-        Args:
-            x: (n, C, S, S) jittered crops in [0, 1]; changed in place.
-            blur_p: (n,) blur probability of each crop.
-            solarize_p: (n,) solarisation probability of each crop.
-            size: S.
-            out: (n, 3, S, S) float32, receives the normalised crops.
+        ``jitter_code`` encodes the jitter's order (four base-4 digits), -1 when the crop is
+        not jittered; ``factors`` is (4, rows): brightness, contrast, saturation, hue.
         """
         s = self.settings
-        rows = x.shape[0]
-        # Every step below changes only the rows it draws, in place (x is a view of the caller's
-        # own tensor).
-        flipped = _rows(torch.rand(rows, device=x.device) < s["hflip_p"])
+        brightness, contrast, saturation, hue = s["color_jitter"]
+        ranges = [
+            (max(0.0, 1 - brightness), 1 + brightness),
+            (max(0.0, 1 - contrast), 1 + contrast),
+            (max(0.0, 1 - saturation), 1 + saturation),
+            (-hue, hue),
+        ]
+        jitter = any(s["color_jitter"]) and s["color_jitter_p"] > 0
+        applied = torch.rand(rows, device=device) < s["color_jitter_p"]
+        order = torch.rand(rows, len(ranges), device=device).argsort(dim=1)
+        code = (order * torch.tensor([64, 16, 4, 1], device=device)).sum(dim=1)
+        low, high = s["blur_sigma"]
+        return {
+            "jitter_code": torch.where(applied & jitter, code, -1),
+            "factors": torch.stack(
+                [torch.empty(rows, device=device).uniform_(lo, hi) for lo, hi in ranges]
+            ),
+            "flip": torch.rand(rows, device=device) < s["hflip_p"],
+            "gray": torch.rand(rows, device=device) < s["grayscale_p"],
+            "blur": torch.rand(rows, device=device) < blur_p,
+            "sigma": torch.empty(rows, device=device).uniform_(low, high),
+            "solarize": torch.rand(rows, device=device) < solarize_p,
+        }
+
+    def _jitter(
+        self, x: Tensor, order: list[int], draws: dict[str, Tensor], rows: Tensor
+    ) -> Tensor:
+        """Apply the enabled jitter steps in ``order`` (empty: not jittered) to crops ``rows``."""
+        strengths = self.settings["color_jitter"]
+        for index in order:
+            if strengths[index] > 0:
+                x = _JITTER_STEPS[index](x, draws["factors"][index, rows])
+        return x
+
+    def _finish(self, x: Tensor, draws: dict[str, Tensor], rows: Tensor, size: int) -> Tensor:
+        """Flip, grayscale, blur, solarise and normalise jittered (n, C, S, S) crops ``rows``.
+
+        Returns:
+            float32 (n, 3, S, S), normalised.
+        """
+        s = self.settings
+        flipped = _rows(draws["flip"][rows])
         if flipped.numel():
-            x[flipped] = x[flipped].flip(-1)
-        x = self._grayscale(x)
-        x = self._blur(x, blur_p, size)
-        solarized = _rows(torch.rand(rows, device=x.device) < solarize_p)
+            x[flipped] = x.index_select(0, flipped).flip(-1)
+        gray = _rows(draws["gray"][rows])
+        if gray.numel() and x.shape[1] == 3:
+            x[gray] = grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1)
+        blurred = _rows(draws["blur"][rows])
+        kernel = blur_kernel_size(size, s["blur_sigma"][1])
+        if blurred.numel() and kernel > 1:
+            x[blurred] = blur(x.index_select(0, blurred), draws["sigma"][rows][blurred], kernel)
+        solarized = _rows(draws["solarize"][rows])
         if solarized.numel():
-            chosen = x[solarized]
+            chosen = x.index_select(0, solarized)
             x[solarized] = torch.where(chosen >= SOLARIZE_THRESHOLD / 255.0, 1.0 - chosen, chosen)
         scale = 1.0 / torch.tensor(s["std"], device=x.device).view(1, 3, 1, 1)
         shift = -torch.tensor(s["mean"], device=x.device).view(1, 3, 1, 1) * scale
-        torch.addcmul(shift, x.expand(-1, 3, -1, -1), scale, out=out)
+        return torch.addcmul(shift, x.expand(-1, 3, -1, -1), scale)
 
     def augment_images(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Augment images of any sizes: crops cut from each original, pixel work per batch.
@@ -436,70 +481,6 @@ class BatchedMultiCropTransform:
         if n_local:
             views += self._augment(torch.stack(local_crops, dim=1), *local_p)
         return views
-
-    def _color_jitter(self, crops: Tensor) -> Tensor:
-        """Pixels in [0, 1], colour-jittered with probability ``color_jitter_p``.
-
-        The four steps of ColorJitter run in a random order per crop. Crops that share an
-        order (24 permutations, plus "not jittered") are processed together: gathered and
-        converted to float once, their steps run while the group is in the cache, written
-        out once.
-
-        Args:
-            crops: (n, C, S, S) uint8 crops, or float crops around [0, 1] (clamped).
-
-        Returns:
-            float32 (n, C, S, S), a new tensor.
-        """
-        s = self.settings
-        brightness, contrast, saturation, hue = s["color_jitter"]
-        if not any(s["color_jitter"]) or s["color_jitter_p"] == 0:
-            return _to_unit(crops)
-        rows, device = crops.shape[0], crops.device
-        applied = torch.rand(rows, device=device) < s["color_jitter_p"]
-        steps = [
-            (adjust_brightness, max(0.0, 1 - brightness), 1 + brightness, brightness > 0),
-            (adjust_contrast, max(0.0, 1 - contrast), 1 + contrast, contrast > 0),
-            (adjust_saturation, max(0.0, 1 - saturation), 1 + saturation, saturation > 0),
-            (adjust_hue, -hue, hue, hue > 0),
-        ]
-        factors = [torch.empty(rows, device=device).uniform_(lo, hi) for _, lo, hi, _ in steps]
-        order = torch.rand(rows, len(steps), device=device).argsort(dim=1)
-        code = (order * torch.tensor([64, 16, 4, 1], device=device)).sum(dim=1)
-        code = torch.where(applied, code, -1)
-        out = torch.empty(crops.shape, device=device)
-        for value in code.unique().tolist():
-            members = _rows(code == value)
-            group = _to_unit(crops[members])
-            if value >= 0:
-                for index in order[members[0]].tolist():
-                    adjust, _, _, enabled = steps[index]
-                    if enabled:
-                        group = adjust(group, factors[index][members])
-            out[members] = group
-        return out
-
-    def _grayscale(self, x: Tensor) -> Tensor:
-        """Random grayscale with probability ``grayscale_p`` (no-op on grey images)."""
-        if self.settings["grayscale_p"] == 0 or x.shape[1] == 1:
-            return x
-        gray = _rows(torch.rand(x.shape[0], device=x.device) < self.settings["grayscale_p"])
-        if gray.numel():
-            x[gray] = grayscale(x[gray]).expand(-1, x.shape[1], -1, -1)
-        return x
-
-    def _blur(self, x: Tensor, blur_p: Tensor, size: int) -> Tensor:
-        """Gaussian blur of each row with probability ``blur_p[row]``, sigma drawn per row."""
-        low, high = self.settings["blur_sigma"]
-        chosen = (torch.rand(x.shape[0], device=x.device) < blur_p).nonzero().squeeze(1)
-        if chosen.numel() == 0:
-            return x
-        kernel = blur_kernel_size(size, high)
-        if kernel == 1:
-            return x
-        sigma = torch.empty(chosen.numel(), device=x.device).uniform_(low, high)
-        x[chosen] = blur(x[chosen], sigma, kernel)
-        return x
 
 
 def crop_views(image: Tensor, n_views: int, size: int, scale: tuple[float, float]) -> Tensor:
@@ -548,6 +529,20 @@ def collate_images(samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Te
     images = [to_uint8_tensor(image) for image, _ in samples]
     labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
     return images, labels
+
+
+# ColorJitter's steps in torchvision's numbering (the order codes refer to these indices).
+_JITTER_STEPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _jitter_groups(code: Tensor) -> list[tuple[Tensor, list[int]]]:
+    """Crops grouped by jitter order: ``(row indices, step order)``; [] order: not jittered."""
+    groups = []
+    for value in code.unique().tolist():
+        members = _rows(code == value)
+        order = [] if value < 0 else [(value >> shift) & 3 for shift in (6, 4, 2, 0)]
+        groups.append((members, order))
+    return groups
 
 
 def _to_unit(crops: Tensor) -> Tensor:

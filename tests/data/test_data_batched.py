@@ -271,3 +271,54 @@ def test_data_module_batched_batches_look_like_per_sample_batches():
 def test_data_module_rejects_an_unknown_augmentation(tmp_path):
     with pytest.raises(ValueError, match=r"--data\.augmentation must be one of auto, per_sample, batched, device"):
         MultiCropDataModule(dataset="folder", data_dir=str(tmp_path), augmentation="gpu")
+
+
+def test_fixed_draws_give_the_pixels_of_torchvision_ops_applied_in_the_drawn_order(monkeypatch):
+    """Every per-pixel step with chosen parameters against torchvision, one crop at a time.
+
+    Six crops, each with its own jitter order (one not jittered) and its own flip, grayscale,
+    blur and solarisation choices: a wrong order decoding, a step applied to the wrong crops or
+    with another crop's factor moves pixels by far more than the float tolerance.
+    """
+    torch.manual_seed(0)
+    transform = BatchedMultiCropTransform(20, 10, n_local_crops=0, n_global_crops=2)
+    crops = torch.randint(0, 256, (2, 3, 3, 20, 20), dtype=torch.uint8)  # (V, B, C, S, S)
+    orders = [[3, 2, 1, 0], [0, 1, 2, 3], None, [1, 3, 0, 2], [2, 0, 3, 1], [3, 0, 2, 1]]
+    draws = {
+        "jitter_code": torch.tensor(
+            [-1 if o is None else o[0] * 64 + o[1] * 16 + o[2] * 4 + o[3] for o in orders]
+        ),
+        "factors": torch.tensor(
+            [
+                [0.7, 1.3, 1.1, 0.9, 1.2, 0.65],  # brightness
+                [1.2, 0.8, 1.0, 1.35, 0.7, 1.1],  # contrast
+                [0.9, 1.15, 1.0, 0.85, 1.2, 0.8],  # saturation
+                [0.05, -0.08, 0.0, 0.1, -0.03, 0.07],  # hue
+            ]
+        ),
+        "flip": torch.tensor([True, False, True, False, True, False]),
+        "gray": torch.tensor([False, True, False, False, True, False]),
+        "blur": torch.tensor([True, True, False, True, False, False]),
+        "sigma": torch.tensor([0.5, 1.5, 1.0, 0.3, 1.0, 1.0]),
+        "solarize": torch.tensor([False, False, True, True, False, False]),
+    }
+    monkeypatch.setattr(transform, "_draws", lambda *args: draws)
+    views = transform._augment(crops, torch.zeros(2, 3), torch.zeros(2, 3))
+    kernel = batched_module.blur_kernel_size(20, 2.0)
+    steps = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for row, order in enumerate(orders):
+        x = crops.reshape(6, 3, 20, 20)[row].float() / 255
+        for index in order or []:
+            x = steps[index](x, draws["factors"][index, row].item())
+        if draws["flip"][row]:
+            x = TF.horizontal_flip(x)
+        if draws["gray"][row]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if draws["blur"][row]:
+            sigma = draws["sigma"][row].item()
+            x = TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+        if draws["solarize"][row]:
+            x = TF.solarize(x, 128 / 255)
+        expected = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        ours = views[row // 3][row % 3]
+        torch.testing.assert_close(ours, expected, atol=2e-5, rtol=0, msg=f"crop {row}")
