@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/photos.py and benchmarks/pipeline_throughput.py, offline and tiny."""
+"""Smoke tests of benchmarks/photos.py and benchmarks/loader_throughput.py, offline and tiny."""
 
 from __future__ import annotations
 
@@ -78,14 +78,14 @@ def test_photos_builds_the_folder_from_cached_wheels_and_is_idempotent(tmp_path)
     assert "nothing to do" in again[-1]
 
 
-def test_pipeline_throughput_runs_on_mixed_sizes_and_ends_with_the_ratios(tmp_path):
+def test_loader_throughput_runs_on_mixed_sizes_and_ends_with_the_ratios(tmp_path):
     for i in range(6):
         size = (120, 90) if i % 2 == 0 else (90, 120)
         folder = tmp_path / ("a" if i < 2 else "b")
         folder.mkdir(exist_ok=True)
         random_image(*size, seed=i).save(folder / f"{i}.jpg", quality=90)
     lines = run_script(
-        "pipeline_throughput.py",
+        "loader_throughput.py",
         "--photos",
         str(tmp_path),
         "--quick",

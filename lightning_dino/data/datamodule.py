@@ -373,9 +373,10 @@ class MultiCropDataModule(pl.LightningDataModule):
         self._folder_classes = prepared.classes
         self._train_size = prepared.train_size
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
-        self.train_dataset = prepared.train_stream(self.train_transform, seed)
+        sizes = self._decode_sizes()
+        self.train_dataset = prepared.train_stream(self.train_transform, seed, sizes)
         if self.batched_transform is not None:
-            self._train_images = prepared.train_stream(None, seed)
+            self._train_images = prepared.train_stream(None, seed, sizes)
         for name, split in [("knn_train", prepared.knn_train()), ("knn_val", prepared.knn_val())]:
             if split is not None:
                 setattr(self, f"{name}_dataset", TransformDataset(split, self.eval_transform))

@@ -15,7 +15,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -397,7 +397,7 @@ def _jpeg_looks_truncated(path: str) -> bool:
 
 
 def load_image(
-    path: str | os.PathLike[str], min_pixels: int | None = None, min_side: int = 0
+    path: str | os.PathLike[str] | BinaryIO, min_pixels: int | None = None, min_side: int = 0
 ) -> Tensor:
     """Decode an image file of any PIL mode to RGB, upright.
 
@@ -414,7 +414,7 @@ def load_image(
     ratios, on a coarser pixel grid). Other formats are always decoded at full size.
 
     Args:
-        path: Image file path.
+        path: Image file path, or a binary file object holding an encoded image.
         min_pixels: Fewest pixels a reduced decode may have; None decodes at full size.
         min_side: Shortest side a reduced decode may have (with ``min_pixels`` only).
 

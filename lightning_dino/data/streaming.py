@@ -29,11 +29,10 @@ from typing import Any
 
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.downloader import get_downloader
-from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
-from lightning_dino.data.transforms import to_rgb_uint8_tensor
+from lightning_dino.data.datasets import load_image
 
 METADATA_FILENAME = "lightning_dino.json"
 """Name of the file, beside the splits, that holds the classes and the split sizes."""
@@ -41,18 +40,21 @@ METADATA_FILENAME = "lightning_dino.json"
 METADATA_VERSION = 1
 
 
-def decode_image(data: bytes | memoryview) -> Tensor:
+def decode_image(
+    data: bytes | memoryview, min_pixels: int | None = None, min_side: int = 0
+) -> Tensor:
     """Decode an encoded image (JPEG, PNG...) held in memory, as ``load_image`` decodes files.
 
     Args:
         data: The encoded bytes of an image file.
+        min_pixels: Allow a reduced-size JPEG decode of at least this many pixels (see
+            :func:`~lightning_dino.data.load_image`); None decodes at full size.
+        min_side: With ``min_pixels``: the reduced size's shorter side is at least this.
 
     Returns:
         A uint8 tensor of shape (3, H, W), upright (EXIF orientation applied), RGB.
     """
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return to_rgb_uint8_tensor(ImageOps.exif_transpose(image))
+    return load_image(io.BytesIO(data), min_pixels, min_side)
 
 
 class DecodeSample:
@@ -62,10 +64,18 @@ class DecodeSample:
 
     Args:
         transform: Applied to the decoded uint8 (3, H, W) image; None keeps the image.
+        min_pixels: Allow reduced-size JPEG decoding (see :func:`decode_image`).
+        min_side: Shorter side of a reduced decode, at least.
     """
 
-    def __init__(self, transform: Callable[[Tensor], Any] | None = None) -> None:
+    def __init__(
+        self,
+        transform: Callable[[Tensor], Any] | None = None,
+        min_pixels: int | None = None,
+        min_side: int = 0,
+    ) -> None:
         self.transform = transform
+        self.min_pixels, self.min_side = min_pixels, min_side
 
     def __call__(self, item: Mapping[str, Any]) -> tuple[Any, int]:
         """Decode ``item["image"]`` and transform it.
@@ -77,7 +87,7 @@ class DecodeSample:
             ``(image, label)``: the transformed image (uint8 (3, H, W) without a transform) and the
             int label, -1 for an unlabelled image.
         """
-        image = decode_image(item["image"])
+        image = decode_image(item["image"], self.min_pixels, self.min_side)
         return (self.transform(image) if self.transform else image), int(item["label"])
 
 
@@ -159,7 +169,10 @@ class PreparedDataset:
         )
 
     def train_stream(
-        self, transform: Callable[[Tensor], Any] | None = None, seed: int = 0
+        self,
+        transform: Callable[[Tensor], Any] | None = None,
+        seed: int = 0,
+        decode_sizes: Mapping[str, int] | None = None,
     ) -> StreamingDataset:
         """The shuffled ``train`` split as a LitData ``StreamingDataset`` of ``(image, label)``.
 
@@ -169,6 +182,8 @@ class PreparedDataset:
         Args:
             transform: Applied to each decoded uint8 (3, H, W) image in the workers.
             seed: Seed of the shuffles, the same on every rank.
+            decode_sizes: ``min_pixels`` / ``min_side`` of reduced-size JPEG decoding (see
+                :func:`decode_image`); None decodes at full size.
 
         Returns:
             A ``litdata.StreamingDataset`` that drops the tail of an epoch so every rank and
@@ -180,7 +195,7 @@ class PreparedDataset:
             shuffle=True,
             drop_last=True,
             seed=seed,
-            transform=DecodeSample(transform),
+            transform=DecodeSample(transform, **(decode_sizes or {})),
         )
 
     def knn_train(self) -> Dataset | None:

@@ -110,3 +110,16 @@ def test_folder_training_decodes_reduced_and_evaluation_keeps_its_resize(tmp_pat
     assert tuple(crops[0].shape) == (2, 3, 32, 32)
     image, _ = data.knn_train_dataset[0]
     assert tuple(image.shape) == (3, 32, 32)
+
+
+def test_streamed_bytes_decode_like_the_file_at_the_same_reduced_size(tmp_path):
+    from lightning_dino.data.streaming import DecodeSample, decode_image
+
+    path = tmp_path / "phone.jpg"
+    smooth_photo(3000, 2000).save(path, quality=90)
+    data, sizes = path.read_bytes(), {"min_pixels": 100_000, "min_side": 224}
+    from_file = load_image(path, **sizes)
+    assert tuple(from_file.shape) == (3, 500, 750)
+    assert torch.equal(decode_image(data, **sizes), from_file)
+    image, label = DecodeSample(None, **sizes)({"image": data, "label": 3})
+    assert torch.equal(image, from_file) and label == 3
