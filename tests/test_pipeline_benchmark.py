@@ -106,3 +106,16 @@ def test_loader_throughput_runs_on_mixed_sizes_and_ends_with_the_ratios(tmp_path
     )
     assert match, lines[-1]
     assert all(float(ratio) > 0 for ratio in match.groups())
+
+
+def test_reduced_decoding_benchmark_reports_the_speedup_and_crop_difference(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        random_image(250, 188, i).save(photos / f"photo_{i:04d}.jpg", quality=90)
+    lines = run_script(
+        "reduced_decoding.py", "--photos", str(photos), "--n", "2", "--upscale", "8", "--crops", "3"
+    )
+    assert "photo_0000.jpg: (1504, 2000) -> (752, 1000)" in lines  # 1/2: 1/4 is < 251k pixels
+    match = re.fullmatch(r"reduced/full=([\d.]+) crop_diff_median=([\d.]+)", lines[-1])
+    assert match and float(match[1]) > 0 and 0 <= float(match[2]) < 10
