@@ -134,3 +134,17 @@ def test_shipped_configs_parse(config, capsys):
         main([*args, "--print_config"])
     assert exit_info.value.code == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"]["backbone"]
+
+
+def test_quickstart_time_cap_stops_early_with_a_checkpoint_the_knn_step_reads(tmp_path, monkeypatch, built):
+    """`make quickstart` on a slow machine: max_time ends training, last.ckpt is there for `knn`."""
+    quickstart = yaml.safe_load((Path(__file__).parents[1] / "configs/quickstart.yaml").read_text())
+    assert quickstart["trainer"]["max_time"] == "00:00:12:00"  # the README's promise
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONF / "tiny_resnet.yaml"), "--trainer.max_epochs=1000",
+          "--trainer.max_time=00:00:00:04"])
+    [cli] = built
+    assert 0 < cli.trainer.global_step < 1000 * cli.trainer.num_training_batches
+    [last] = (tmp_path / "runs").rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == cli.trainer.global_step
+    main(["knn", "--ckpt", str(last), "--config", str(CONF / "tiny_resnet.yaml")])
