@@ -269,17 +269,22 @@ def test_data_module_batched_batches_look_like_per_sample_batches():
 
 
 def test_data_module_rejects_an_unknown_augmentation(tmp_path):
-    with pytest.raises(ValueError, match=r"--data\.augmentation must be one of auto, per_sample, batched, device"):
+    with pytest.raises(ValueError, match=r"MultiCropDataModule\(augmentation=\.\.\.\) must be one of auto, per_sample, batched, device"):
         MultiCropDataModule(dataset="folder", data_dir=str(tmp_path), augmentation="gpu")
 
 
-def test_fixed_draws_give_the_pixels_of_torchvision_ops_applied_in_the_drawn_order(monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False], ids=["photo-sized", "small"])
+def test_fixed_draws_give_the_pixels_of_torchvision_ops_applied_in_the_drawn_order(
+    monkeypatch, grouped
+):
     """Every per-pixel step with chosen parameters against torchvision, one crop at a time.
 
     Six crops, each with its own jitter order (one not jittered) and its own flip, grayscale,
     blur and solarisation choices: a wrong order decoding, a step applied to the wrong crops or
-    with another crop's factor moves pixels by far more than the float tolerance.
+    with another crop's factor moves pixels by far more than the float tolerance. Both ways of
+    running the jitter (grouped by order for large crops, by position for small ones).
     """
+    monkeypatch.setattr(batched_module, "_GROUPED_MIN_PIXELS", 1 if grouped else 10**9)
     torch.manual_seed(0)
     transform = BatchedMultiCropTransform(20, 10, n_local_crops=0, n_global_crops=2)
     crops = torch.randint(0, 256, (2, 3, 3, 20, 20), dtype=torch.uint8)  # (V, B, C, S, S)
