@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_dino.head import DINOHead
+from lightning_dino.naming import setting
 
 
 def _timm_kwargs(name: str, drop_path_rate: float, extra: dict[str, Any]) -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ def create_timm_backbone(
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ValueError(
-            f"--model.backbone: unknown timm model {name!r}.{hint} "
+            f"{setting('model', 'backbone')}: unknown timm model {name!r}.{hint} "
             "List all with `python -c 'import timm; print(timm.list_models())'`."
         )
     errors = []
@@ -113,7 +114,8 @@ class TokenGridPool(GridPool):
         side = math.isqrt(n_patches)
         if side * side != n_patches:
             raise ValueError(
-                f"--model.feature_grid with a ViT needs square crops; got {n_patches} patch tokens"
+                f"{setting('model', 'feature_grid')} with a ViT needs square crops; got "
+                f"{n_patches} patch tokens"
             )
         fmap = patches.transpose(1, 2).reshape(batch, channels, side, side)
         return torch.cat([tokens[:, 0], super().forward(fmap)], dim=1)
@@ -141,14 +143,16 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
     """
     if grid < 1:
         raise ValueError(
-            f"--model.feature_grid must be >= 1 (or 0 for the model's pooling), got {grid}"
+            f"{setting('model', 'feature_grid')} must be >= 1 (or 0 for the model's pooling), "
+            f"got {grid}"
         )
     if is_vit(backbone):
         has_class_token = getattr(backbone, "cls_token", None) is not None
         if not has_class_token or getattr(backbone, "attn_pool", 0) is not None:
             raise ValueError(
-                f"--model.feature_grid needs a ViT with a class token and no attention pooling "
-                f"(global_pool: token); {type(backbone).__name__} is not one. Use feature_grid: 0."
+                f"{setting('model', 'feature_grid')} needs a ViT with a class token and no "
+                f"attention pooling (global_pool: token); {type(backbone).__name__} is not one. "
+                f"Use {setting('model', 'feature_grid', 0)}."
             )
         # timm's VisionTransformer.pool hands every token to attn_pool when it is set
         backbone.attn_pool = TokenGridPool(grid, backbone.num_prefix_tokens)
@@ -157,8 +161,9 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
         return backbone
     if not isinstance(getattr(backbone, "global_pool", None), nn.Module):
         raise ValueError(
-            f"--model.feature_grid needs a CNN with a `global_pool` module (timm ResNet family) "
-            f"or a timm ViT; {type(backbone).__name__} has neither. Use feature_grid: 0."
+            f"{setting('model', 'feature_grid')} needs a CNN with a `global_pool` module (timm "
+            f"ResNet family) or a timm ViT; {type(backbone).__name__} has neither. Use "
+            f"{setting('model', 'feature_grid', 0)}."
         )
     channels = backbone.num_features
     backbone.global_pool = GridPool(grid)
@@ -204,7 +209,7 @@ def feature_dim(backbone: nn.Module) -> int:
             "cannot find the feature width of the backbone module: it has no integer "
             "num_features / embed_dim attribute, and running it on a 224x224 image failed "
             f"({type(err).__name__}: {err}). Give the module a num_features attribute or pass "
-            "DINO(backbone_dim=D) (--model.backbone_dim D)"
+            f"{setting('model', 'backbone_dim')}"
         ) from err
     finally:
         backbone.train(was_training)
@@ -375,9 +380,9 @@ def build_student_teacher(
         teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs, feature_grid)
     elif feature_grid:
         raise ValueError(
-            "--model.feature_grid applies to timm backbones given by name; for your own "
-            "module, pool inside it (e.g. lightning_dino.backbones.use_grid_pooling) and pass "
-            "feature_grid: 0"
+            f"{setting('model', 'feature_grid')} applies to timm backbones given by name; for "
+            "your own module, pool inside it (e.g. lightning_dino.backbones.use_grid_pooling) "
+            f"and pass {setting('model', 'feature_grid', 0)}"
         )
     else:
         student_backbone = backbone
@@ -385,8 +390,9 @@ def build_student_teacher(
     in_dim = backbone_dim or feature_dim(student_backbone)
     if mask_token and in_dim != feature_width(student_backbone):
         raise ValueError(
-            f"--model.ibot_loss_weight needs a ViT whose features are its {in_dim}-wide "
-            "tokens (class token or average pooling, feature_grid 0), so that one head takes "
+            f"{setting('model', 'ibot_loss_weight')} needs a ViT whose features are its "
+            f"{in_dim}-wide tokens (class token or average pooling, "
+            f"{setting('model', 'feature_grid', 0)}), so that one head takes "
             "class and patch tokens"
         )
     student = MultiCropNetwork(student_backbone, DINOHead(in_dim, **head_kwargs), mask_token)

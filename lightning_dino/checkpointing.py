@@ -30,6 +30,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_dino.naming import setting
 from lightning_dino.preemption import StopSignals, TrainingInterrupted
 
 _TEMPORARY_SUFFIX = ".partial"
@@ -87,8 +88,8 @@ class DINOCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         if last_every_n_train_steps < 0:
             raise ValueError(
-                "--checkpoint.last_every_n_train_steps must be >= 0 (0 disables the step "
-                f"refresh of last.ckpt), got {last_every_n_train_steps}"
+                f"{setting('checkpoint', 'last_every_n_train_steps')} must be >= 0 (0 disables "
+                f"the step refresh of last.ckpt), got {last_every_n_train_steps}"
             )
         self.last_every_n_train_steps = last_every_n_train_steps
         self.check_finite = check_finite
@@ -167,7 +168,7 @@ class DINOCheckpoint(ModelCheckpoint):
             self._save_checkpoint(trainer, path)
         rank_zero_warn(
             f"{signal.Signals(signum).name} received: saved {path} at step "
-            f"{trainer.global_step}; resume with --ckpt_path {path}"
+            f"{trainer.global_step}; resume with {setting('Trainer.fit', 'ckpt_path', path)}"
         )
         raise TrainingInterrupted(signum, path)
 
@@ -312,9 +313,17 @@ def _check_finite(trainer: pl.Trainer, filepath: str, last_saved: str) -> None:
     raise FloatingPointError(
         f"not writing {filepath}: {bad} is NaN or infinite at global step "
         f"{trainer.global_step}, epoch {trainer.current_epoch}; {kept}. Likely fixes: "
-        "--trainer.precision bf16-mixed or 32 instead of 16-mixed, a lower --model.lr, a "
-        "lower --model.teacher_temp, or a smaller --model.clip_grad; resume from the kept "
-        "checkpoint with --ckpt_path."
+        f"{non_finite_fixes()}; resume from the kept checkpoint with "
+        f"{setting('Trainer.fit', 'ckpt_path')}."
+    )
+
+
+def non_finite_fixes() -> str:
+    """The usual fixes of a run whose loss or weights became NaN or infinite, for messages."""
+    return (
+        f"{setting('trainer', 'precision', 'bf16-mixed')} or 32 instead of 16-mixed, a lower "
+        f"{setting('model', 'lr')}, a lower {setting('model', 'teacher_temp')}, or a smaller "
+        f"{setting('model', 'clip_grad')}"
     )
 
 

@@ -24,6 +24,7 @@ from lightning_dino.checkpointing import DINOCheckpoint
 from lightning_dino.data import MultiCropDataModule
 from lightning_dino.export import UnreadableCheckpointError, read_checkpoint
 from lightning_dino.module import DINO
+from lightning_dino.naming import cli_flags
 from lightning_dino.resume import ResumeError, hyperparameter_changes, structural_change_message
 
 # Tool name -> "module:function"; imported only when the tool runs.
@@ -123,18 +124,22 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
 
     Returns:
         The CLI object (``cli.model``, ``cli.datamodule``, ``cli.trainer``).
+
+    Messages raised while parsing and running name settings as flags (``--model.lr``); what
+    runs after ``run=False`` returns names them the Python way (:mod:`lightning_dino.naming`).
     """
-    return DINOCLI(
-        DINO,
-        MultiCropDataModule,
-        save_config_kwargs={"overwrite": True},
-        # The optimizer and its schedules are DINO's own (parameter groups, per-step lr and
-        # weight decay): no --optimizer / --lr_scheduler keys that would be ignored.
-        auto_configure_optimizers=False,
-        parser_kwargs={"version": __version__},
-        args=args,
-        run=run,
-    )
+    with cli_flags():
+        return DINOCLI(
+            DINO,
+            MultiCropDataModule,
+            save_config_kwargs={"overwrite": True},
+            # The optimizer and its schedules are DINO's own (parameter groups, per-step lr and
+            # weight decay): no --optimizer / --lr_scheduler keys that would be ignored.
+            auto_configure_optimizers=False,
+            parser_kwargs={"version": __version__},
+            args=args,
+            run=run,
+        )
 
 
 def _load_tool(name: str) -> Callable[..., Any]:
@@ -160,7 +165,8 @@ def run_tool(name: str, args: list[str]) -> Any:
     parser = ArgumentParser(prog=f"lightning-dino {name}", description=tool.__doc__.splitlines()[0])
     parser.add_function_arguments(tool, as_positional=False)
     args = _with_bare_flags_true(tool, args)
-    return tool(**parser.instantiate(parser.parse_args(args)).as_dict())
+    with cli_flags():
+        return tool(**parser.instantiate(parser.parse_args(args)).as_dict())
 
 
 def _with_bare_flags_true(tool: Callable[..., Any], args: list[str]) -> list[str]:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from lightning_dino import __version__
 from lightning_dino.backbones import create_timm_backbone, feature_grid_of, use_grid_pooling
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lightning_dino.naming import setting, using_cli
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -396,6 +397,15 @@ def _custom_module_config(ckpt: dict[str, Any], which: Which) -> dict[str, Any]:
     }
 
 
+def _export_call(which: Which | None = None) -> str:
+    """How to export ``which`` backbone: the command under the CLI, else the Python call."""
+    if using_cli():
+        option = f" --which {which}" if which else ""
+        return f"lightning-dino export --ckpt RUN.ckpt --out DIR{option}"
+    argument = f", which={which!r}" if which else ""
+    return f"export_backbone('RUN.ckpt', 'DIR'{argument})"
+
+
 def _custom_module_hint(out_dir: Path) -> str:
     """How to load weights exported from a custom-module backbone."""
     return (
@@ -413,13 +423,14 @@ def _load_export(directory: Path, which: Which | None) -> nn.Module:
         if not file.is_file():
             raise FileNotFoundError(
                 f"{directory} is not a backbone export: {file.name} is missing. Create one with "
-                "`lightning-dino export --ckpt RUN.ckpt --out DIR`."
+                f"`{_export_call()}`."
             )
     config = json.loads(config_file.read_text())
     if which is not None and config.get("source") != which:
         raise ValueError(
             f"{directory} holds the {config.get('source')} backbone, not the {which}; export the "
-            f"{which} with `lightning-dino export --which {which}` or pass which=None"
+            f"{which} with `{_export_call(which)}` or pass "
+            f"{setting('load_backbone', 'which', config.get('source'))}"
         )
     if config.get("architecture") is None:
         raise ValueError(f"{directory} has no timm architecture. {_custom_module_hint(directory)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_dino.naming import setting
+
 
 def validate_hyperparameters(hparams: Any) -> None:
     """Fail fast, before any data is read, on ``DINO`` settings that cannot work.
@@ -12,7 +14,7 @@ def validate_hyperparameters(hparams: Any) -> None:
         hparams: The module's hyperparameters.
 
     Raises:
-        ValueError: Naming the ``--model.`` key and the fix.
+        ValueError: Naming the setting (:func:`~lightning_dino.naming.setting`) and the fix.
     """
     checks = [
         (hparams.out_dim >= 2, "out_dim", "use at least 2 prototypes (65536 in the paper)"),
@@ -50,4 +52,4 @@ def validate_hyperparameters(hparams: Any) -> None:
     ]
     for ok, key, fix in checks:
         if not ok:
-            raise ValueError(f"--model.{key}={hparams[key]!r} is invalid: {fix}.")
+            raise ValueError(f"{setting('model', key, hparams[key])} is invalid: {fix}.")

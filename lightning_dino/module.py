@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_dino.backbones import build_student_teacher, is_vit, vit_tokens
-from lightning_dino.checkpointing import RandomStateCallback
+from lightning_dino.checkpointing import RandomStateCallback, non_finite_fixes
 from lightning_dino.eval.diagnostics import (
     CollapseMonitor,
     collapse_statistics,
@@ -26,6 +26,7 @@ from lightning_dino.koleo import KoLeoLoss
 from lightning_dino.loss import DINOLoss
 from lightning_dino.masking import batch_masks
 from lightning_dino.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.naming import setting
 from lightning_dino.optimization import (
     clip_gradients_per_tensor,
     parameter_groups,
@@ -211,7 +212,9 @@ class DINO(pl.LightningModule):
             self.ibot = iBOTPatchLoss(out_dim, student_temp, center_momentum)
         if gram_loss_weight > 0:
             if not is_vit(self.teacher.backbone):
-                raise ValueError("--model.gram_loss_weight needs a ViT backbone (patch tokens)")
+                raise ValueError(
+                    f"{setting('model', 'gram_loss_weight')} needs a ViT backbone (patch tokens)"
+                )
             self.gram_teacher = copy.deepcopy(self.teacher.backbone).requires_grad_(False)
             self.gram = GramLoss()
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
@@ -477,9 +480,8 @@ class DINO(pl.LightningModule):
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             raise FloatingPointError(
                 f"non-finite DINO loss (here {loss.item()}) at global step {self.global_step}, "
-                f"epoch {self.current_epoch}. Likely fixes: --trainer.precision bf16-mixed or 32 "
-                "instead of 16-mixed, a lower --model.lr, a lower --model.teacher_temp, or a "
-                "smaller --model.clip_grad. The last checkpoint written before this step is intact."
+                f"epoch {self.current_epoch}. Likely fixes: {non_finite_fixes()}. The last "
+                "checkpoint written before this step is intact."
             )
         batch_size = crops[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)

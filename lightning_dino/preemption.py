@@ -19,6 +19,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_dino.naming import setting
+
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -34,10 +36,12 @@ class TrainingInterrupted(SystemExit):
         super().__init__(128 + signum)
         self.signum = signum
         self.checkpoint = checkpoint
+        # Worded now, in the caller's naming style (lightning_dino.naming), not when printed.
+        resume = setting("Trainer.fit", "ckpt_path", checkpoint)
+        self._message = f"stopped on {signal.Signals(signum).name}; resume with {resume}"
 
     def __str__(self) -> str:
-        name = signal.Signals(self.signum).name
-        return f"stopped on {name}; resume with --ckpt_path {self.checkpoint}"
+        return self._message
 
 
 class StopSignals:

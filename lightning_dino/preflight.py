@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_dino.naming import setting
+
 if TYPE_CHECKING:
     from lightning_dino.module import DINO
 
@@ -31,7 +33,8 @@ def check_model_and_data(model: DINO, trainer: pl.Trainer) -> None:
         trainer: The trainer the model is attached to.
 
     Raises:
-        ValueError: The message names the ``--data.`` / ``--model.`` key and the fix.
+        ValueError: The message names the setting (:func:`~lightning_dino.naming.setting`) and
+            the fix.
     """
     datamodule = trainer.datamodule
     if datamodule is None:
@@ -43,7 +46,7 @@ def check_model_and_data(model: DINO, trainer: pl.Trainer) -> None:
         sizes["local_crop_size"] = data.get("local_crop_size")
     for key, size in sizes.items():
         if size is not None:
-            _check_crop_size(model.student.backbone, f"--data.{key}={size}", size)
+            _check_crop_size(model.student.backbone, setting("data", key, size), size)
     batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
     _check_batch_norm(model.student, batch_size, trainer)
 
@@ -66,22 +69,23 @@ def schedule_warnings(model: DINO) -> list[str]:
     warmup_steps = round(hp.warmup_epochs * per_epoch)
     if warmup_steps >= total and hp.warmup_epochs > 0:
         messages.append(
-            f"--model.warmup_epochs={hp.warmup_epochs} is {warmup_steps} steps, as long as the "
-            f"whole run ({total} steps): the learning rate never reaches its peak "
+            f"{setting('model', 'warmup_epochs', hp.warmup_epochs)} is {warmup_steps} steps, as "
+            f"long as the whole run ({total} steps): the learning rate never reaches its peak "
             f"{model.peak_lr:.3g}; use a shorter warmup (the reference warms up for 10 of 100 "
             "epochs) or train longer"
         )
     temperatures_differ = hp.warmup_teacher_temp != hp.teacher_temp
     if temperatures_differ and hp.warmup_teacher_temp_epochs >= epochs:
         messages.append(
-            f"--model.warmup_teacher_temp_epochs={hp.warmup_teacher_temp_epochs} covers the whole "
-            f"run ({epochs} epoch(s)): the teacher temperature never reaches "
-            f"--model.teacher_temp={hp.teacher_temp}; lower it or train longer"
+            f"{setting('model', 'warmup_teacher_temp_epochs', hp.warmup_teacher_temp_epochs)} "
+            f"covers the whole run ({epochs} epoch(s)): the teacher temperature never reaches "
+            f"{setting('model', 'teacher_temp', hp.teacher_temp)}; lower it or train longer"
         )
     if hp.freeze_last_layer >= epochs:
         messages.append(
-            f"--model.freeze_last_layer={hp.freeze_last_layer} covers the whole run ({epochs} "
-            "epoch(s)): the head's last layer never trains; use 0 for such a short run"
+            f"{setting('model', 'freeze_last_layer', hp.freeze_last_layer)} covers the whole "
+            f"run ({epochs} epoch(s)): the head's last layer never trains; use 0 for such a "
+            "short run"
         )
     return messages
 
@@ -92,16 +96,17 @@ def _check_views(model: DINO, data: dict[str, Any]) -> None:
         return
     if n_global != model.hparams.n_global_crops:
         raise ValueError(
-            f"--data.n_global_crops={n_global} but --model.n_global_crops="
-            f"{model.hparams.n_global_crops}: the teacher must see exactly the global crops; set "
-            "both to the same value (2 in the paper)"
+            f"{setting('data', 'n_global_crops', n_global)} but "
+            f"{setting('model', 'n_global_crops', model.hparams.n_global_crops)}: the teacher "
+            "must see exactly the global crops; set both to the same value (2 in the paper)"
         )
     n_local = data.get("n_local_crops", 0)
     if n_global + n_local < 2:
         raise ValueError(
-            f"--data.n_local_crops={n_local} with --data.n_global_crops={n_global} gives one view "
-            "per image, but the DINO loss compares different views; use --data.n_local_crops "
-            ">= 1 or 2 global crops"
+            f"{setting('data', 'n_local_crops', n_local)} with "
+            f"{setting('data', 'n_global_crops', n_global)} gives one view per image, but the "
+            f"DINO loss compares different views; use {setting('data', 'n_local_crops')} >= 1 or "
+            "2 global crops"
         )
 
 
@@ -155,10 +160,11 @@ def _check_batch_norm(student: nn.Module, batch_size: int | None, trainer: pl.Tr
     if synced and trainer.world_size > 1:
         return
     raise ValueError(
-        f"--data.batch_size={batch_size}: the student has BatchNorm layers (in the backbone or "
-        "from --model.use_bn_in_head), whose training statistics need several images per "
-        "device; use --data.batch_size >= 2 (or, on several devices, --trainer.sync_batchnorm "
-        "true), or a backbone without BatchNorm such as a ViT"
+        f"{setting('data', 'batch_size', batch_size)}: the student has BatchNorm layers (in "
+        f"the backbone or from {setting('model', 'use_bn_in_head')}), whose training statistics "
+        f"need several images per device; use {setting('data', 'batch_size')} >= 2 (or, on "
+        f"several devices, {setting('trainer', 'sync_batchnorm', True)}), or a backbone without "
+        "BatchNorm such as a ViT"
     )
 
 

@@ -9,6 +9,7 @@ exist, else the same fixed random ``val_fraction`` of the labelled images held o
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import shutil
@@ -25,8 +26,11 @@ from tqdm import tqdm
 from lightning_dino.data.datamodule import _available_cpus, _hold_out
 from lightning_dino.data.datasets import UNLABELED, find_image_files
 from lightning_dino.data.streaming import METADATA_FILENAME, METADATA_VERSION, decode_image
+from lightning_dino.naming import setting
 
 _MAX_NAMED_FILES = 20  # unreadable files named in the message; all are in the metadata
+# Names an argument in messages: --out under `lightning-dino prepare`, else as a Python call.
+_setting = functools.partial(setting, "prepare_streaming_dataset")
 
 Found = list[tuple[str, str | None]]  # (path, top-level class folder or None), from a scan
 Sample = tuple[str, int]  # (path, label)
@@ -80,9 +84,9 @@ def prepare_streaming_dataset(
         >>> prepare_streaming_dataset("photos/", "prepared/")  # doctest: +SKIP
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"{_setting('val_fraction')} must be in [0, 1), got {val_fraction}")
     if num_workers is not None and num_workers < 1:
-        raise ValueError(f"--num_workers must be >= 1, got {num_workers}")
+        raise ValueError(f"{_setting('num_workers')} must be >= 1, got {num_workers}")
     data_dir, out = Path(data_dir), Path(out)
     layout = scan_layout(data_dir)
     _clear_output(out, overwrite)
@@ -196,13 +200,14 @@ def _clear_output(out: Path, overwrite: bool) -> None:
         return
     if not ((out / METADATA_FILENAME).is_file() or (out / "train").is_dir()):
         raise FileExistsError(
-            f"--out {out} exists and is not a prepared dataset (no {METADATA_FILENAME}); "
-            "refusing to write into it: choose a new or empty --out"
+            f"{_setting('out', out)} exists and is not a prepared dataset (no "
+            f"{METADATA_FILENAME}); refusing to write into it: choose a new or empty "
+            f"{_setting('out')}"
         )
     if not overwrite:
         raise FileExistsError(
-            f"--out {out} already holds a prepared dataset; pass --overwrite to replace it, "
-            "or choose another --out"
+            f"{_setting('out', out)} already holds a prepared dataset; pass "
+            f"{_setting('overwrite', True)} to replace it, or choose another {_setting('out')}"
         )
     shutil.rmtree(out)
 
@@ -276,7 +281,7 @@ def _report_unreadable(root: Path, unreadable: list[tuple[str, str]], skip_corru
     if not skip_corrupt:
         raise ValueError(
             f"{len(unreadable)} unreadable image file(s) under {root}:\n{named}\nfix or delete "
-            "them, or pass --skip_corrupt true to leave them out"
+            f"them, or pass {_setting('skip_corrupt', True)} to leave them out"
         )
     warnings.warn(
         f"skipped {len(unreadable)} unreadable image file(s) under {root} (all are listed "

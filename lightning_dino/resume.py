@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lightning_dino.naming import setting
+
 
 class ResumeError(ValueError):
     """A checkpoint cannot be resumed by this model (its networks have another shape)."""
@@ -64,12 +66,12 @@ def structural_change_message(changes: Mapping[str, tuple[Any, Any]], path: str)
     if not bad:
         return None
     listed = ", ".join(
-        f"--model.{key} {changes[key][1]!r} (checkpoint: {changes[key][0]!r})" for key in bad
+        f"{setting('model', key, changes[key][1])} (checkpoint: {changes[key][0]!r})" for key in bad
     )
     return (
         f"cannot resume from {path}: {listed} changes the shape of the saved networks. Resume "
         "with the run's own values (its config.yaml), or start a new run from the exported "
-        "weights instead of --ckpt_path."
+        f"weights instead of {setting('Trainer.fit', 'ckpt_path')}."
     )
 
 

@@ -24,6 +24,7 @@ from lightning_dino.export import (
     load_backbone,
     read_checkpoint,
 )
+from lightning_dino.naming import setting
 
 Which = Literal["teacher", "student"]
 
@@ -43,7 +44,8 @@ def datamodule_from_config(config: str | Path | None, **overrides: Any) -> Multi
     if config is not None:
         path = Path(config)
         if not path.is_file():
-            raise FileNotFoundError(f"--config: no such file: {path}")
+            config_name = setting("datamodule_from_config", "config")
+            raise FileNotFoundError(f"{config_name}: no such file: {path}")
         loaded = yaml.safe_load(path.read_text()) or {}
         data = dict(loaded.get("data") or {})
         data = dict(data.get("init_args", data))

@@ -51,17 +51,20 @@ def test_crop_size_the_vit_cannot_take_names_the_key_and_a_multiple_of_the_patch
                                          r"multiple of the patch size 16, e.g. 16"):
         main(["fit", "--config", str(CONF / "tiny_vit.yaml"), f"--model.backbone_kwargs={patch16}",
               "--data.local_crop_size=12"])
-    with pytest.raises(ValueError, match=r"--data.global_crop_size=36.*multiple of the patch size 8, e.g. 32 or 40"):
-        fit({}, {"global_crop_size": 36})
+    with pytest.raises(ValueError, match=r"MultiCropDataModule\(global_crop_size=36\).*multiple of the patch size 8, "
+                                         r"e.g. 32 or 40"):
+        fit({}, {"global_crop_size": 36})  # from Python: named as the Python argument
 
 
 @pytest.mark.parametrize(("model_kwargs", "data_kwargs", "message"), [
     ({"backbone": "test_resnet", "backbone_kwargs": None}, {"batch_size": 1},
-     r"--data.batch_size=1: the student has BatchNorm layers"),
-    ({"use_bn_in_head": True}, {"batch_size": 1}, r"--data.batch_size=1: the student has BatchNorm"),
-    ({"n_global_crops": 2}, {"n_global_crops": 1}, r"--data.n_global_crops=1 but --model.n_global_crops=2"),
+     r"MultiCropDataModule\(batch_size=1\): the student has BatchNorm layers"),
+    ({"use_bn_in_head": True}, {"batch_size": 1},
+     r"MultiCropDataModule\(batch_size=1\): the student has BatchNorm.*DINO\(use_bn_in_head=...\)"),
+    ({"n_global_crops": 2}, {"n_global_crops": 1},
+     r"MultiCropDataModule\(n_global_crops=1\) but DINO\(n_global_crops=2\)"),
     ({"n_global_crops": 1}, {"n_global_crops": 1, "n_local_crops": 0},
-     r"--data.n_local_crops=0 with --data.n_global_crops=1 gives one view"),
+     r"MultiCropDataModule\(n_local_crops=0\) with MultiCropDataModule\(n_global_crops=1\) gives one view"),
 ])
 def test_model_data_mismatch_fails_before_data_is_read(no_data_reads, model_kwargs, data_kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -86,9 +89,9 @@ def test_schedules_longer_than_the_run_warn():
     with pytest.warns(UserWarning) as record:
         make_trainer(max_epochs=1, limit_train_batches=2).fit(model, CropData(batch_size=4, n=8))
     messages = " ".join(str(w.message) for w in record)
-    assert "--model.warmup_epochs=10 is 20 steps, as long as the whole run (2 steps)" in messages
-    assert "--model.warmup_teacher_temp_epochs=5 covers the whole run" in messages
-    assert "--model.freeze_last_layer=1 covers the whole run" in messages
+    assert "DINO(warmup_epochs=10) is 20 steps, as long as the whole run (2 steps)" in messages
+    assert "DINO(warmup_teacher_temp_epochs=5) covers the whole run" in messages
+    assert "DINO(freeze_last_layer=1) covers the whole run" in messages
 
 
 def write_broken_files(root, rng):

@@ -83,16 +83,16 @@ def test_vit_grid_state_dict_is_plain_timm():
 def test_errors_name_the_key():
     no_class_token = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, class_token=False,
                                        global_pool="avg", **TINY_VIT_KWARGS)
-    with pytest.raises(ValueError, match=r"--model\.feature_grid needs a ViT with a class token"):
+    with pytest.raises(ValueError, match=r"DINO\(feature_grid=...\) needs a ViT with a class token"):
         use_grid_pooling(no_class_token, 2)
-    with pytest.raises(ValueError, match=r"--model\.feature_grid needs a CNN"):
+    with pytest.raises(ValueError, match=r"DINO\(feature_grid=...\) needs a CNN"):
         use_grid_pooling(torch.nn.Linear(3, 3), 2)
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
-    with pytest.raises(ValueError, match=r"--model\.feature_grid must be >= 1"):
+    with pytest.raises(ValueError, match=r"DINO\(feature_grid=...\) must be >= 1"):
         use_grid_pooling(resnet, -1)
 
 
 def test_feature_grid_with_a_custom_module_is_an_error_not_ignored():
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
-    with pytest.raises(ValueError, match=r"feature_grid applies to timm backbones given by name"):
+    with pytest.raises(ValueError, match=r"DINO\(feature_grid=...\) applies to timm backbones given by name"):
         DINO(backbone=backbone, feature_grid=2, out_dim=32, hidden_dim=16, bottleneck_dim=8)

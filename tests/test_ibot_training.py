@@ -76,9 +76,9 @@ def test_dino_plus_ibot_plus_koleo_trains_and_the_loss_is_its_weighted_terms():
 
 
 def test_ibot_needs_token_wide_vit_features():
-    with pytest.raises(ValueError, match="ibot_loss_weight needs a ViT"):
+    with pytest.raises(ValueError, match=r"DINO\(ibot_loss_weight=...\) needs a ViT"):
         DINO(**TINY_VIT, ibot_loss_weight=1.0, feature_grid=2)
-    with pytest.raises(ValueError, match=r"--model\.ibot_mask_ratio"):
+    with pytest.raises(ValueError, match=r"DINO\(ibot_mask_ratio=\(0.5, 0.1\)\) is invalid"):
         DINO(**TINY_VIT, ibot_loss_weight=1.0, ibot_mask_ratio=(0.5, 0.1))
 
 

@@ -91,12 +91,12 @@ def test_prepare_stores_each_files_bytes_and_label_in_the_splits_folder_makes(mi
 
 def test_prepare_refuses_an_existing_output_unless_told_and_stops_on_corrupt_files(mixed_folder, tmp_path):
     out = tmp_path / "prepared"
-    with pytest.raises(ValueError, match=r"1 unreadable image file\(s\)(.|\n)*bad\.jpg(.|\n)*--skip_corrupt true"):
+    with pytest.raises(ValueError, match=r"1 unreadable image file\(s\)(.|\n)*bad\.jpg(.|\n)*prepare_streaming_dataset\(skip_corrupt=True\)"):
         prepare(mixed_folder, out, skip_corrupt=False)
     assert not out.exists()
     with pytest.warns(UserWarning, match="bad.jpg"):
         prepare(mixed_folder, out, val_fraction=0.0)
-    with pytest.raises(FileExistsError, match="already holds a prepared dataset; pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"already holds a prepared dataset; pass prepare_streaming_dataset\(overwrite=True\)"):
         prepare(mixed_folder, out)
     # The command line accepts a bare --overwrite.
     with pytest.warns(UserWarning, match="bad.jpg"):
@@ -109,7 +109,7 @@ def test_prepare_refuses_an_existing_output_unless_told_and_stops_on_corrupt_fil
     with pytest.raises(FileExistsError, match="is not a prepared dataset"):
         prepare(mixed_folder, other, overwrite=True)
     assert (other / "notes.txt").exists()
-    with pytest.raises(FileNotFoundError, match="lightning-dino prepare"):
+    with pytest.raises(FileNotFoundError, match=r"written by `prepare_streaming_dataset\('FOLDER', 'DIR'\)`"):
         MultiCropDataModule("streaming", str(other)).setup()
 
 

@@ -40,7 +40,7 @@ HEAD = {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8}
 
 
 def test_a_custom_backbone_that_cannot_take_224_px_needs_its_width():
-    with pytest.raises(ValueError, match=r"backbone_dim=D"):
+    with pytest.raises(ValueError, match=r"pass DINO\(backbone_dim=\.\.\.\)"):
         DINO(backbone=SmallNet(), **HEAD)
     model = DINO(backbone=SmallNet(), backbone_dim=24, **HEAD)
     assert model.student.head.mlp[0].in_features == 24

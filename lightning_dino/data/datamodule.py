@@ -20,7 +20,7 @@ from lightning_dino.data.datasets import (
     torchvision_dataset,
 )
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
-from lightning_dino.data.streaming import PreparedDataset, streaming_loader
+from lightning_dino.data.streaming import PreparedDataset, prepare_command, streaming_loader
 from lightning_dino.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +29,7 @@ from lightning_dino.data.transforms import (
     min_decode_pixels,
     to_uint8_tensor,
 )
+from lightning_dino.naming import setting
 
 DatasetName = Literal["folder", "streaming", "fashion_mnist", "cifar10", "stl10", "synthetic"]
 
@@ -146,7 +147,8 @@ class MultiCropDataModule(pl.LightningDataModule):
             uses LitData's default. Local datasets are read in place.
 
     Raises:
-        ValueError: If an argument is invalid; the message names the ``--data.`` key.
+        ValueError: If an argument is invalid; the message names it
+            (:func:`~lightning_dino.naming.setting`).
     """
 
     def __init__(
@@ -206,7 +208,8 @@ class MultiCropDataModule(pl.LightningDataModule):
                 std=std,
             )
         except ValueError as err:  # messages start with the argument's name
-            raise ValueError(f"--data.{err}") from err
+            name, problem = str(err).split(" ", 1)
+            raise ValueError(f"{setting('data', name)} {problem}") from err
         self.eval_transform = EvalTransform(
             eval_size or global_crop_size, eval_resize, mean=mean, std=std
         )
@@ -228,11 +231,13 @@ class MultiCropDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.dataset not in get_args(DatasetName):
             raise ValueError(
-                f"--data.dataset must be one of {get_args(DatasetName)}, got {hp.dataset!r}"
+                f"{setting('data', 'dataset')} must be one of {get_args(DatasetName)}, got "
+                f"{hp.dataset!r}"
             )
         if hp.augmentation not in _AUGMENTATIONS:
             raise ValueError(
-                f"--data.augmentation must be one of {', '.join(_AUGMENTATIONS)}, got "
+                f"{setting('data', 'augmentation')} must be one of {', '.join(_AUGMENTATIONS)}, "
+                "got "
                 f"{hp.augmentation!r}"
             )
         for key, minimum in [
@@ -246,29 +251,34 @@ class MultiCropDataModule(pl.LightningDataModule):
             ("synthetic_num_classes", 1),
         ]:
             if hp[key] is not None and hp[key] < minimum:
-                raise ValueError(f"--data.{key} must be >= {minimum}, got {hp[key]}")
+                raise ValueError(f"{setting('data', key)} must be >= {minimum}, got {hp[key]}")
         eval_size = hp.eval_size or hp.global_crop_size
         if hp.eval_resize is not None and hp.eval_resize < eval_size:
             raise ValueError(
-                f"--data.eval_resize ({hp.eval_resize}) must be >= the k-NN image size "
-                f"({eval_size}, --data.eval_size or --data.global_crop_size)"
+                f"{setting('data', 'eval_resize', hp.eval_resize)} must be >= the k-NN image "
+                f"size ({eval_size}, {setting('data', 'eval_size')} or "
+                f"{setting('data', 'global_crop_size')})"
             )
         if not 0.0 <= hp.val_fraction < 1.0:
-            raise ValueError(f"--data.val_fraction must be in [0, 1), got {hp.val_fraction}")
+            raise ValueError(
+                f"{setting('data', 'val_fraction')} must be in [0, 1), got {hp.val_fraction}"
+            )
         if hp.dataset in _NEEDS_DATA_DIR and hp.data_dir is None:
             raise ValueError(
-                f"--data.data_dir is required for --data.dataset {hp.dataset}: set it to the "
+                f"{setting('data', 'data_dir')} is required for "
+                f"{setting('data', 'dataset', hp.dataset)}: set it to the "
                 f"{_DATA_DIR_KIND.get(hp.dataset, 'torchvision root')}"
             )
         if hp.dataset == "streaming" and hp.subset is not None:
             raise ValueError(
-                "--data.subset does not apply to --data.dataset streaming; prepare a smaller "
-                "folder instead (lightning-dino prepare --data_dir SMALLER_FOLDER --out DIR)"
+                f"{setting('data', 'subset')} does not apply to "
+                f"{setting('data', 'dataset', 'streaming')}; prepare a smaller folder instead "
+                f"({prepare_command('SMALLER_FOLDER')})"
             )
         if hp.download and hp.dataset not in _DOWNLOADABLE:
             raise ValueError(
-                f"--data.download applies to {', '.join(_DOWNLOADABLE)}, not to "
-                f"--data.dataset {hp.dataset}; remove it"
+                f"{setting('data', 'download')} applies to {', '.join(_DOWNLOADABLE)}, not to "
+                f"{setting('data', 'dataset', hp.dataset)}; remove it"
             )
 
     @property
@@ -455,10 +465,10 @@ class MultiCropDataModule(pl.LightningDataModule):
         per_device = n_images // world_size
         if self.hparams.batch_size > per_device:
             raise ValueError(
-                f"--data.batch_size ({self.hparams.batch_size}) exceeds the {per_device} "
-                f"training images per device ({n_images} images over {world_size} "
-                "device(s)), so drop_last would leave no batch; lower --data.batch_size "
-                "or use more data"
+                f"{setting('data', 'batch_size', self.hparams.batch_size)} exceeds the "
+                f"{per_device} training images per device ({n_images} images over {world_size} "
+                f"device(s)), so drop_last would leave no batch; lower "
+                f"{setting('data', 'batch_size')} or use more data"
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -544,8 +554,9 @@ class MultiCropDataModule(pl.LightningDataModule):
                 f"subfolders; arrange it as {root}/<class>/<image> or turn k-NN evaluation off"
             )
         return (
-            f"no {name} data: {root} has no val/<class>/ images and --data.val_fraction "
-            f"({self.hparams.val_fraction}) holds out no labelled image; raise it, or add "
+            f"no {name} data: {root} has no val/<class>/ images and "
+            f"{setting('data', 'val_fraction', self.hparams.val_fraction)} holds out no "
+            "labelled image; raise it, or add "
             "labelled images, or turn k-NN evaluation off"
         )
 

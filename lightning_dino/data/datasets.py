@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_dino.data.transforms import to_rgb_uint8_tensor
+from lightning_dino.naming import setting
 
 UNLABELED = -1
 """Label of images that have none (flat folders, STL-10's unlabeled split)."""
@@ -175,7 +176,7 @@ class ImageFolderDataset(Dataset):
         if not self.skip_corrupt:
             raise ValueError(
                 f"cannot decode image {path} ({reason}); fix or delete it, or set "
-                "skip_corrupt=True (--data.skip_corrupt true) to skip such files"
+                f"{setting('data', 'skip_corrupt', True)} to skip such files"
             ) from err
         self.failed_at_load[path] = reason
         warnings.warn(
@@ -197,7 +198,7 @@ class ImageFolderDataset(Dataset):
             else:
                 raise ValueError(
                     f"unreadable image file {path} ({problem}); fix or delete it, or set "
-                    "skip_corrupt=True (--data.skip_corrupt true) to skip such files"
+                    f"{setting('data', 'skip_corrupt', True)} to skip such files"
                 )
         if skipped:
             warnings.warn(_skipped_message(self.root, skipped), stacklevel=3)
@@ -589,7 +590,7 @@ def load_fashion_mnist(
     found = _find_idx_pair(search, prefix)
     if found is None and download:
         if data_dir is None:
-            raise ValueError("downloading Fashion-MNIST needs a data_dir (--data.data_dir)")
+            raise ValueError(f"downloading Fashion-MNIST needs {setting('data', 'data_dir')}")
         torchvision.datasets.FashionMNIST(root=str(data_dir), train=train, download=True)
         found = _find_idx_pair(search, prefix)
     if found is None:
@@ -597,8 +598,8 @@ def load_fashion_mnist(
         raise FileNotFoundError(
             f"Fashion-MNIST files {prefix}-images-idx3-ubyte[.gz] and "
             f"{prefix}-labels-idx1-ubyte[.gz] not found; searched:\n{places}\n"
-            "Fix: `apt-get install dataset-fashion-mnist`, or set --data.data_dir to a "
-            "directory holding them, or set --data.download true."
+            f"Fix: `apt-get install dataset-fashion-mnist`, or set {setting('data', 'data_dir')} "
+            f"to a directory holding them, or set {setting('data', 'download', True)}."
         )
     images, labels = (read_idx_file(path) for path in found)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
@@ -691,5 +692,6 @@ def torchvision_dataset(name: str, data_dir: str, split: str, download: bool = F
     except RuntimeError as err:
         raise FileNotFoundError(
             f"{name} ({split}) not found or corrupted under {data_dir} ({err}); set "
-            f"--data.data_dir to torchvision's {name} root, or set --data.download true"
+            f"{setting('data', 'data_dir')} to torchvision's {name} root, or set "
+            f"{setting('data', 'download', True)}"
         ) from err

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_dino.naming import setting
+
 _STATE_VERSION = 1
 
 
@@ -233,8 +235,9 @@ class ResumableDataLoader(DataLoader):
                 f"resuming with {sampler.num_replicas} process(es) x batch {self.batch_size} "
                 f"from a checkpoint written with {saved[0]} x {saved[1]}: the data order "
                 "continues where it stopped, but the steps per epoch and every per-step "
-                "schedule change; resume with the same --trainer.devices, --trainer.num_nodes "
-                "and --data.batch_size for an exact continuation",
+                f"schedule change; resume with the same {setting('trainer', 'devices')}, "
+                f"{setting('trainer', 'num_nodes')} and {setting('data', 'batch_size')} for an "
+                "exact continuation",
                 stacklevel=2,
             )
         sampler.seed = state_dict["seed"]

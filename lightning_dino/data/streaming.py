@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
 from lightning_dino.data.datasets import load_image
+from lightning_dino.naming import setting, using_cli
 
 METADATA_FILENAME = "lightning_dino.json"
 """Name of the file, beside the splits, that holds the classes and the split sizes."""
@@ -154,8 +155,8 @@ class PreparedDataset:
             raise ValueError(
                 f"{split_dir(root, METADATA_FILENAME)} has format version "
                 f"{metadata.get('version')!r}; this lightning-dino reads version "
-                f"{METADATA_VERSION}: prepare the folder again (lightning-dino prepare "
-                "--overwrite true)"
+                f"{METADATA_VERSION}: prepare the folder again "
+                f"({setting('prepare_streaming_dataset', 'overwrite', True)})"
             )
         splits = metadata["splits"]
         val = splits.get("val", {"size": 0})
@@ -254,6 +255,21 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def prepare_command(folder: str) -> str:
+    """How to prepare ``folder`` into ``DIR``: the command under the CLI, else the Python call.
+
+    Args:
+        folder: The image folder to name, e.g. ``"FOLDER"``.
+
+    Returns:
+        ``lightning-dino prepare --data_dir FOLDER --out DIR`` or
+        ``prepare_streaming_dataset('FOLDER', 'DIR')`` (:mod:`lightning_dino.naming`).
+    """
+    if using_cli():
+        return f"lightning-dino prepare --data_dir {folder} --out DIR"
+    return f"prepare_streaming_dataset({folder!r}, 'DIR')"
+
+
 def split_dir(root: str, name: str) -> str:
     """``root/name`` for a local path or a URL (always with ``/`` for URLs)."""
     return f"{root.rstrip('/')}/{name}" if is_url(root) else os.path.join(root, name)
@@ -263,8 +279,8 @@ def _read_metadata(root: str, cache_dir: str | None) -> dict[str, Any]:
     """The JSON of ``root/lightning_dino.json``, fetched first when ``root`` is a URL."""
     path = split_dir(root, METADATA_FILENAME)
     missing = (
-        f"{path} not found: --data.data_dir must be a directory written by `lightning-dino "
-        "prepare --data_dir FOLDER --out DIR` (or its copy in object storage); run prepare first"
+        f"{path} not found: {setting('data', 'data_dir')} must be a directory written by "
+        f"`{prepare_command('FOLDER')}` (or its copy in object storage); run prepare first"
     )
     if not is_url(root):
         if not os.path.isfile(path):

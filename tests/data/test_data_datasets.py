@@ -265,7 +265,7 @@ def test_synthetic_images_are_deterministic_balanced_and_learnable():
 
 def test_missing_torchvision_datasets_say_how_to_fix(tmp_path):
     for name, split in (("cifar10", "train"), ("stl10", "train+unlabeled"), ("stl10", "test")):
-        with pytest.raises(FileNotFoundError, match=f"{name}.*{tmp_path}.*--data.download true"):
+        with pytest.raises(FileNotFoundError, match=rf"{name}.*{tmp_path}.*MultiCropDataModule\(download=True\)"):
             torchvision_dataset(name, str(tmp_path), split)
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="unknown"):
