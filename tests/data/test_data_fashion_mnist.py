@@ -51,7 +51,7 @@ def test_missing_files_list_the_places_searched_and_the_fixes(tmp_path, no_debia
         str(tmp_path / "FashionMNIST" / "raw"),
         str(tmp_path / "not-installed"),
         "apt-get install dataset-fashion-mnist",
-        "--data.download true",
+        "MultiCropDataModule(download=True)",
     ):
         assert expected in message
     with pytest.raises(ValueError, match="data_dir"):
