@@ -166,3 +166,11 @@ def test_documented_python_compiles_and_its_lightning_dino_imports_exist(page, c
         imported = importlib.import_module(module)
         for name in (n.strip().split(" as ")[0] for n in names.split(",")):
             assert hasattr(imported, name), f"{page}: {module} has no {name}"
+
+
+def test_the_api_page_lists_every_public_name():
+    import lightning_dino
+
+    page = (REPO / "docs" / "api.md").read_text()
+    missing = [name for name in lightning_dino.__all__ if f"`{name}" not in page]
+    assert not missing, f"docs/api.md does not list {missing}"
