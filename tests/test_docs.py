@@ -96,8 +96,7 @@ def check_script(path: str, args: list[str]) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if hasattr(module, "parse_args"):
-        result = module.parse_args(args)
-        assert result is not None
+        module.parse_args(args)  # exits with status 2 on an unknown or malformed flag
 
 
 def check(words: list[str]) -> None:
@@ -148,7 +147,7 @@ def test_documented_command_parses(page, command):
     ],
 )
 def test_the_check_rejects_stale_commands(command):
-    with pytest.raises((AssertionError, SystemExit, Exception)):
+    with pytest.raises((Exception, SystemExit)):
         check(normalise(command))
 
 

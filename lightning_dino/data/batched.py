@@ -388,11 +388,13 @@ class BatchedMultiCropTransform:
     def _jitter_by_position(self, x: Tensor, draws: dict[str, Tensor]) -> Tensor:
         """Jitter all (n, C, S, S) crops in place: each step at each position of the orders."""
         code, strengths = draws["jitter_code"], self.settings["color_jitter"]
-        for position in range(len(_JITTER_STEPS)):
-            at_position = (code >> (6 - 2 * position)) & 3
+        for shift in _ORDER_SHIFTS:
+            at_position = (code >> shift) & 3
             for index, adjust in enumerate(_JITTER_STEPS):
+                if strengths[index] == 0:
+                    continue
                 chosen = _rows((code >= 0) & (at_position == index))
-                if strengths[index] > 0 and chosen.numel():
+                if chosen.numel():
                     factor = draws["factors"][index].index_select(0, chosen)
                     x[chosen] = adjust(x.index_select(0, chosen), factor)
         return x
@@ -416,7 +418,7 @@ class BatchedMultiCropTransform:
         jitter = any(s["color_jitter"]) and s["color_jitter_p"] > 0
         applied = torch.rand(rows, device=device) < s["color_jitter_p"]
         order = torch.rand(rows, len(ranges), device=device).argsort(dim=1)
-        code = (order * torch.tensor([64, 16, 4, 1], device=device)).sum(dim=1)
+        code = (order << torch.tensor(_ORDER_SHIFTS, device=device)).sum(dim=1)
         low, high = s["blur_sigma"]
         return {
             "jitter_code": torch.where(applied & jitter, code, -1),
@@ -559,6 +561,8 @@ def collate_images(samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Te
 
 # ColorJitter's steps in torchvision's numbering (the order codes refer to these indices).
 _JITTER_STEPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+# A jitter order is coded as four base-4 digits, the step at position p in bits _ORDER_SHIFTS[p].
+_ORDER_SHIFTS = (6, 4, 2, 0)
 
 
 def _jitter_groups(code: Tensor) -> list[tuple[Tensor, list[int]]]:
@@ -566,7 +570,7 @@ def _jitter_groups(code: Tensor) -> list[tuple[Tensor, list[int]]]:
     groups = []
     for value in code.unique().tolist():
         members = _rows(code == value)
-        order = [] if value < 0 else [(value >> shift) & 3 for shift in (6, 4, 2, 0)]
+        order = [] if value < 0 else [(value >> shift) & 3 for shift in _ORDER_SHIFTS]
         groups.append((members, order))
     return groups
 

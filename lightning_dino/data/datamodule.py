@@ -426,16 +426,15 @@ class MultiCropDataModule(pl.LightningDataModule):
         root, skip = self.hparams.data_dir, self.hparams.skip_corrupt
         train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
         has_split_dirs = os.path.isdir(train_dir)
-        data = ImageFolderDataset(
-            train_dir if has_split_dirs else root, skip_corrupt=skip, **self._decode_sizes()
-        )
+        sizes = self._decode_sizes()
+        data = ImageFolderDataset(train_dir if has_split_dirs else root, skip_corrupt=skip, **sizes)
         self._folder_classes = data.classes
         labelled = [i for i, label in enumerate(data.labels) if label >= 0]
         if not labelled:
             return data, None, None
         if has_split_dirs and os.path.isdir(val_dir):
             val = ImageFolderDataset(
-                val_dir, skip_corrupt=skip, class_to_idx=data.class_to_idx, **self._decode_sizes()
+                val_dir, skip_corrupt=skip, class_to_idx=data.class_to_idx, **sizes
             )
             val_labelled = [i for i, label in enumerate(val.labels) if label >= 0]
             knn_val = Subset(val, val_labelled) if val_labelled else None
