@@ -55,10 +55,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dino import DINO
-from lightning_dino.backbones import vit_tokens
 from lightning_dino.data.batched import BatchedMultiCropTransform
 from lightning_dino.data.datasets import load_fashion_mnist
 from lightning_dino.eval.knn import knn_accuracy
+from lightning_dino.networks.backbones import vit_tokens
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lightning_dino.backbones import GridPool, TokenGridPool, feature_grid_of, is_vit
 from lightning_dino.cli import train
 from lightning_dino.eval.knn import knn_accuracy
-from lightning_dino.export import load_backbone
+from lightning_dino.io.export import load_backbone
+from lightning_dino.networks.backbones import GridPool, TokenGridPool, feature_grid_of, is_vit
 
 
 def cnn_pools(grid: int) -> dict[str, Callable[[Tensor], Tensor]]:

@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = [
     "tests/test_reference_parity.py",
-    "tests/test_teacher.py",
-    "tests/test_module.py",
-    "tests/test_loss.py",
+    "tests/training/test_training_teacher.py",
+    "tests/test_dino.py",
+    "tests/losses/test_losses_dino.py",
 ]
 # Not copied: names at the repository root only (tests/data and lightning_dino/data are code).
 SKIP_AT_ROOT = {".venv", "runs", ".git", "data", "lightning_logs", ".whl"}
@@ -52,19 +52,19 @@ class Bug:
 BUGS: dict[str, Bug] = {
     "ema_removed": Bug(
         "(a) teacher EMA removed (TeacherEMA never calls ema_update)",
-        "lightning_dino/teacher.py",
+        "lightning_dino/training/teacher.py",
         "        ema_update(pl_module.teacher, pl_module.student, m)\n",
         "        pass  # planted bug: no EMA\n",
     ),
     "momentum_off_by_one": Bug(
         "(b) teacher momentum indexed by step instead of step - 1",
-        "lightning_dino/teacher.py",
+        "lightning_dino/training/teacher.py",
         "m = self.momentum(step - 1, self._total_steps)",
         "m = self.momentum(step, self._total_steps)",
     ),
     "centre_before_loss": Bug(
         "(c) centre updated with this batch before the loss is computed",
-        "lightning_dino/loss.py",
+        "lightning_dino/losses/dino.py",
         "            loss, teacher_raw = self._pairwise_cross_entropy(student_out, teacher_out, teacher_temp)\n"
         "            if self.training and self.centering == \"center\":\n"
         "                self.accumulate_center(teacher_raw)\n"
@@ -77,32 +77,32 @@ BUGS: dict[str, Bug] = {
     ),
     "decay_on_biases": Bug(
         "(d) weight decay applied to biases (parameter_groups)",
-        "lightning_dino/optimization.py",
+        "lightning_dino/training/optimization.py",
         'decays = not (name.endswith(".bias") or param.ndim == 1)',
         'decays = not (param.ndim == 1 and not name.endswith(".bias"))  # planted bug: biases decay',
     ),
     "global_clip": Bug(
         "(e) global-norm clip instead of per-tensor",
-        "lightning_dino/module.py",
+        "lightning_dino/training/optimization.py",
         "clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)",
         "torch.nn.utils.clip_grad_norm_(list(self.student.parameters()), self.hparams.clip_grad)",
     ),
     "freeze_one_epoch_too_long": Bug(
         "(f) last layer frozen one epoch too long (< -> <=)",
-        "lightning_dino/module.py",
+        "lightning_dino/dino.py",
         "if self.current_epoch < self.hparams.freeze_last_layer:",
         "if self.current_epoch <= self.hparams.freeze_last_layer:",
     ),
     # Extra (not planted by default; choose them with --bugs).
     "teacher_forward_with_grad": Bug(
-        "(x1) teacher called without no_grad in training_step",
-        "lightning_dino/module.py",
-        "            with torch.no_grad():\n                teacher_out = self.teacher(crops[:n_global])\n",
-        "            if True:  # planted bug: autograd on\n                teacher_out = self.teacher(crops[:n_global])\n",
+        "(x1) teacher called without no_grad in the step's forward",
+        "lightning_dino/networks/forward.py",
+        "    with torch.no_grad():\n        teacher_out = teacher(crops[:n_global])\n",
+        "    if True:  # planted bug: autograd on\n        teacher_out = teacher(crops[:n_global])\n",
     ),
     "teacher_requires_grad": Bug(
         "(x2) teacher parameters left trainable",
-        "lightning_dino/backbones.py",
+        "lightning_dino/networks/backbones.py",
         "    teacher.requires_grad_(False)\n",
         "    pass  # planted bug: teacher.requires_grad_(False) dropped\n",
     ),

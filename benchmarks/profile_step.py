@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py, a sib
 from throughput import CropData, autocast_for, random_crops, read_config
 
 from lightning_dino import DINO
-from lightning_dino.eval.diagnostics import collapse_statistics
-from lightning_dino.module import clip_gradients_per_tensor, parameter_groups, teacher_entropy_ratio
-from lightning_dino.teacher import ema_update
+from lightning_dino.eval.diagnostics import collapse_statistics, teacher_entropy_ratio
+from lightning_dino.training.optimization import clip_gradients_per_tensor, parameter_groups
+from lightning_dino.training.teacher import ema_update
 
 REGIONS = [
     "teacher forward",

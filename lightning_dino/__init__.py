@@ -2,10 +2,9 @@
 
 __version__ = "0.1.0"
 
-from lightning_dino.checkpointing import DINOCheckpoint, RandomStateCallback
 from lightning_dino.data import MultiCropDataModule, MultiCropTransform
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
-from lightning_dino.embed import embed_images, load_embeddings
+from lightning_dino.dino import DINO
 from lightning_dino.eval import (
     AttentionMapMonitor,
     CollapseMonitor,
@@ -15,19 +14,20 @@ from lightning_dino.eval import (
     collapse_statistics,
     knn_accuracy,
 )
-from lightning_dino.export import export_backbone, load_backbone
-from lightning_dino.gram import GramLoss
-from lightning_dino.head import DINOHead
-from lightning_dino.ibot import iBOTPatchLoss
-from lightning_dino.koleo import KoLeoLoss
-from lightning_dino.loss import DINOLoss
-from lightning_dino.module import DINO
-from lightning_dino.monitors import CropGridLogger, ThroughputLogger
-from lightning_dino.preemption import TrainingInterrupted
-from lightning_dino.prepare import prepare_streaming_dataset
-from lightning_dino.schedules import StepScheduler
-from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
-from lightning_dino.teacher import TeacherEMA, ema_update
+from lightning_dino.io.embed import embed_images, load_embeddings
+from lightning_dino.io.export import export_backbone, load_backbone
+from lightning_dino.io.prepare import prepare_streaming_dataset
+from lightning_dino.losses.dino import DINOLoss
+from lightning_dino.losses.gram import GramLoss
+from lightning_dino.losses.ibot import iBOTPatchLoss
+from lightning_dino.losses.koleo import KoLeoLoss
+from lightning_dino.losses.sinkhorn_knopp import sinkhorn_knopp
+from lightning_dino.networks.head import DINOHead
+from lightning_dino.training.checkpointing import DINOCheckpoint, RandomStateCallback
+from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.training.preemption import TrainingInterrupted
+from lightning_dino.training.schedules import StepScheduler
+from lightning_dino.training.teacher import TeacherEMA, ema_update
 
 __all__ = [
     "DINO",

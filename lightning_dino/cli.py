@@ -19,13 +19,17 @@ from jsonargparse import ArgumentParser, Namespace, lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_dino import __version__
-from lightning_dino.checkpointing import DINOCheckpoint
 from lightning_dino.data import MultiCropDataModule
-from lightning_dino.export import UnreadableCheckpointError, read_checkpoint
-from lightning_dino.module import DINO
+from lightning_dino.dino import DINO
+from lightning_dino.io.export import UnreadableCheckpointError, read_checkpoint
 from lightning_dino.naming import cli_flags
-from lightning_dino.resume import ResumeError, hyperparameter_changes, structural_change_message
+from lightning_dino.training.checkpointing import DINOCheckpoint
+from lightning_dino.training.resume import (
+    ResumeError,
+    hyperparameter_changes,
+    structural_change_message,
+)
+from lightning_dino.version import __version__
 
 # Tool name -> "module:function"; imported only when the tool runs.
 TOOLS: dict[str, str] = {
@@ -33,7 +37,7 @@ TOOLS: dict[str, str] = {
         name: f"lightning_dino.tools:{name}"
         for name in ("export", "embed", "knn", "probe", "attention")
     },
-    "prepare": "lightning_dino.prepare:prepare_streaming_dataset",
+    "prepare": "lightning_dino.io.prepare:prepare_streaming_dataset",
 }
 
 
@@ -97,8 +101,9 @@ class DINOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the always-on checkpoint callback, configurable as ``--checkpoint.*``.
 
-        :class:`~lightning_dino.checkpointing.DINOCheckpoint` writes atomically, keeps one file
-        per epoch and refreshes ``last.ckpt`` every ``--checkpoint.last_every_n_train_steps``.
+        :class:`~lightning_dino.training.checkpointing.DINOCheckpoint` writes atomically, keeps
+        one file per epoch and refreshes ``last.ckpt`` every
+        ``--checkpoint.last_every_n_train_steps``.
         """
         parser.add_lightning_class_args(DINOCheckpoint, "checkpoint")
         parser.set_defaults(

@@ -1,58 +1,55 @@
-"""The DINO LightningModule: student, momentum teacher, loss, optimizer and schedules."""
+"""The DINO LightningModule: student, momentum teacher, the DINO loss and its optional terms.
+
+Reference: Caron et al., *Emerging Properties in Self-Supervised Vision Transformers*, ICCV 2021
+(``main_dino.py`` of facebookresearch/dino); the optional terms are DINOv2's (iBOT, KoLeo) and
+DINOv3's (Gram anchoring). One step: the teacher's targets for the global crops, the student's
+outputs for every crop (:func:`~lightning_dino.networks.forward.forward_step`), the DINO loss
+plus the weighted sum of the active :class:`~lightning_dino.losses.term.LossTerm`, logging.
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_dino.backbones import build_student_teacher, is_vit, vit_tokens
-from lightning_dino.checkpointing import RandomStateCallback, non_finite_fixes
-from lightning_dino.eval.diagnostics import (
-    CollapseMonitor,
-    collapse_statistics,
-    teacher_entropy_ratio,
-)
-from lightning_dino.gram import GramLoss
-from lightning_dino.hyperparameters import validate_hyperparameters
-from lightning_dino.ibot import iBOTPatchLoss
-from lightning_dino.koleo import KoLeoLoss
-from lightning_dino.loss import DINOLoss
-from lightning_dino.masking import batch_masks
-from lightning_dino.monitors import CropGridLogger, ThroughputLogger
-from lightning_dino.naming import setting
-from lightning_dino.optimization import (
-    clip_gradients_per_tensor,
-    parameter_groups,
-    unscale_fp16_gradients,
-)
-from lightning_dino.preflight import (
+from lightning_dino.eval.diagnostics import CollapseMonitor
+from lightning_dino.losses.dino import DINOLoss
+from lightning_dino.losses.gram import GramTerm
+from lightning_dino.losses.ibot import iBOTTerm
+from lightning_dino.losses.koleo import KoLeoTerm
+from lightning_dino.losses.term import LossTerm
+from lightning_dino.networks.backbones import build_student_teacher
+from lightning_dino.networks.forward import MASKS, forward_step
+from lightning_dino.training.callbacks import callbacks_to_bring
+from lightning_dino.training.checkpointing import RandomStateCallback, check_finite_loss
+from lightning_dino.training.hyperparameters import validate_hyperparameters
+from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.training.optimization import StudentOptimization, drop_gradients
+from lightning_dino.training.preflight import (
     check_first_batch,
     check_model_and_data,
     crops_of,
-    schedule_warnings,
 )
-from lightning_dino.resume import (
-    ResumeError,
-    hyperparameter_changes,
-    settle_epoch_end,
-    structural_change_message,
-)
-from lightning_dino.schedules import StepScheduler, cosine_schedule, teacher_temperature
-from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
-from lightning_dino.teacher import TeacherEMA
+from lightning_dino.training.resume import check_resume
+from lightning_dino.training.schedules import teacher_temperature
+from lightning_dino.training.step_logging import log_training_step
+from lightning_dino.training.teacher import TeacherEMA
 
 # (crops, labels), a bare list of crops, or {"crops": crops, ...}; see preflight.crops_of.
 Batch = tuple[list[Tensor], Tensor] | list[Tensor] | dict[str, Any]
 
 
-class DINO(pl.LightningModule):
+# The optional loss terms of the method, in the order they are summed: adding a term means
+# writing its class beside its loss and adding it here (and its weight to DINO's arguments).
+TERMS: tuple[type[LossTerm], ...] = (KoLeoTerm, iBOTTerm, GramTerm)
+
+
+class DINO(StudentOptimization, pl.LightningModule):
     """DINO self-distillation with a momentum teacher (Caron et al., ICCV 2021).
 
     Defaults are the reference's command-line defaults (``main_dino.py``); the paper's boosted
@@ -181,50 +178,41 @@ class DINO(pl.LightningModule):
         monitors: bool = True,
     ) -> None:
         super().__init__()
+        super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         validate_hyperparameters(self.hparams)
         self.student, self.teacher = build_student_teacher(
             backbone,
-            head_kwargs={
-                "out_dim": out_dim,
-                "hidden_dim": hidden_dim,
-                "bottleneck_dim": bottleneck_dim,
-                "n_layers": n_head_layers,
-                "use_bn": use_bn_in_head,
-                "norm_last_layer": norm_last_layer,
-            },
+            head_kwargs=dict(
+                out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                n_layers=n_head_layers, use_bn=use_bn_in_head, norm_last_layer=norm_last_layer,
+            ),
             drop_path_rate=drop_path_rate,
             backbone_kwargs=backbone_kwargs,
             feature_grid=feature_grid,
             backbone_dim=backbone_dim,
             mask_token=ibot_loss_weight > 0,
+            channels_last=channels_last,
+            compile=compile,
         )
-        for network in (self.student, self.teacher):
-            if channels_last and not is_vit(network.backbone):
-                network.backbone.to(memory_format=torch.channels_last)
-            if compile:
-                network.backbone.compile(dynamic=False)
         self.loss = DINOLoss(
             out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
         )
-        self.koleo = KoLeoLoss()
-        if ibot_loss_weight > 0:  # only then: its centre buffer joins the checkpoints
-            self.ibot = iBOTPatchLoss(out_dim, student_temp, center_momentum)
-        if gram_loss_weight > 0:
-            if not is_vit(self.teacher.backbone):
-                raise ValueError(
-                    f"{setting('model', 'gram_loss_weight')} needs a ViT backbone (patch tokens)"
-                )
-            self.gram_teacher = copy.deepcopy(self.teacher.backbone).requires_grad_(False)
-            self.gram = GramLoss()
         # The module applies the centre once per optimizer step (see on_before_optimizer_step).
         self.loss.defer_center_update = True
+        for term_class in TERMS:
+            term = term_class.from_hparams(self.hparams, self.teacher)
+            if term is not None:
+                self.add_module(term.name, term)  # checkpoint keys <name>.*
         self._brought_callbacks: list[Callback] = []
         self._check_next_batch = True
         self.crop_sizes: dict[str, list[int] | None] | None = None
-        self.total_steps = 1
-        self.steps_per_epoch = 1
         self.peak_lr = lr
+
+    @property
+    def terms(self) -> list[LossTerm]:
+        """The optional loss terms this module trains with (iBOT, KoLeo, Gram), in order."""
+        return [module for module in self.children() if isinstance(module, LossTerm)]
 
     def configure_callbacks(self) -> list[Callback]:
         """The teacher EMA is part of the method, so the module always brings it.
@@ -237,19 +225,13 @@ class DINO(pl.LightningModule):
         """
         if self._trainer is not None:
             check_model_and_data(self, self.trainer)
-        callbacks: list[Callback] = [
-            TeacherEMA(self.hparams.momentum_teacher, self.hparams.momentum_teacher_end),
-            RandomStateCallback(),
-        ]
-        present = list(self.trainer.callbacks) if self._trainer is not None else []
-        # A second fit on the same Trainer still holds the ones brought the first time.
-        kept = [c for c in present if any(c is mine for mine in self._brought_callbacks)]
-        callbacks = [c for c in callbacks if type(c) not in {type(k) for k in kept}]
-        monitors = (CollapseMonitor, ThroughputLogger, CropGridLogger)
-        for default in monitors if self.hparams.monitors else ():
-            if not any(isinstance(c, default) for c in present):
-                callbacks.append(default())
-        self._brought_callbacks = [*kept, *callbacks]
+        hp = self.hparams
+        callbacks, self._brought_callbacks = callbacks_to_bring(
+            self._trainer,
+            [TeacherEMA(hp.momentum_teacher, hp.momentum_teacher_end), RandomStateCallback()],
+            [CollapseMonitor, ThroughputLogger, CropGridLogger] if hp.monitors else [],
+            self._brought_callbacks,
+        )
         return callbacks
 
     def trainable_backbone(self, which: Literal["teacher", "student"] = "teacher") -> nn.Module:
@@ -288,28 +270,14 @@ class DINO(pl.LightningModule):
         The run is the Trainer's: a Trainer that resumes (``ckpt_path``) or fits again after
         ``max_epochs`` was raised continues its step count, and every schedule continues from
         that step over the new run length. A Trainer at step 0 starts a new run from the
-        module's current student and teacher: schedules from step 0 and the centre reset to 0.
+        module's current student and teacher: schedules from step 0 and the centres reset to 0.
         """
-        trainer = self.trainer
         self._check_next_batch = True
-        if trainer.global_step == 0:
+        if self.trainer.global_step == 0:
             self.loss.reset_center()
-            if self.hparams.ibot_loss_weight > 0:
-                self.ibot.reset_center()
-        self.total_steps = int(trainer.estimated_stepping_batches)
-        batches = trainer.num_training_batches
-        accumulate = trainer.accumulate_grad_batches
-        self.steps_per_epoch = (
-            max(1, math.ceil(batches / accumulate))
-            if math.isfinite(batches)
-            else max(1, self.total_steps // max(1, trainer.max_epochs or 1))
-        )
-        self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
-        for message in schedule_warnings(self):
-            rank_zero_warn(message)
-        scheduler = self.lr_schedulers()
-        if isinstance(scheduler, StepScheduler):
-            scheduler.sync(self.global_step)
+            for term in self.terms:
+                term.start_run()
+        self.start_schedules()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the crop sizes the run trained on in the checkpoint.
@@ -323,53 +291,14 @@ class DINO(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check a checkpoint against this module before Lightning loads it, and settle it.
 
-        * A checkpoint whose network-shaping hyperparameters (backbone, head sizes...) differ
-          from this module's fails here, naming the keys, instead of in ``load_state_dict``.
-        * Other differences are what the command line changed on resume (a new lr, a longer
-          run): this module's values win, and one warning lists them.
-        * An end-of-epoch checkpoint's loop state is rewritten so that resuming it continues
-          exactly with ``max_steps`` too (see :func:`~lightning_dino.resume.settle_epoch_end`).
+        Older checkpoints' keys are renamed; network-shaping hyperparameters that differ fail
+        here, naming the keys; other differences (a new lr, a longer run) are this run's, with
+        one warning; see :func:`~lightning_dino.training.resume.check_resume`.
 
         Raises:
             ResumeError: If the checkpoint's networks have another shape than this module's.
         """
-        saved = checkpoint.get("hyper_parameters") or {}
-        if saved and "backbone" not in saved and isinstance(self.hparams.get("backbone"), str):
-            raise ResumeError(
-                "this checkpoint was trained with your own nn.Module backbone, which a checkpoint "
-                "cannot rebuild: pass the same module again, e.g. "
-                "DINO.load_from_checkpoint(path, backbone=MyBackbone(...))"
-            )
-        if self._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
-            return
-        path = str(self.trainer.ckpt_path)
-        changes = hyperparameter_changes(saved, self.hparams)
-        message = structural_change_message(changes, path)
-        if message:
-            raise ResumeError(message)
-        if changes:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-            rank_zero_warn(
-                f"resuming from {path} with hyperparameters that differ from the checkpoint's "
-                f"(this run's values are used): {listed}"
-            )
-        settle_epoch_end(checkpoint)
-
-    def learning_rate(self, step: int) -> float:
-        """Learning rate at optimizer step ``step``: linear warmup, then cosine to ``min_lr``."""
-        return cosine_schedule(
-            step,
-            self.total_steps,
-            start=self.peak_lr,
-            end=self.hparams.min_lr,
-            warmup_steps=round(self.hparams.warmup_epochs * self.steps_per_epoch),
-        )
-
-    def weight_decay(self, step: int) -> float:
-        """Weight decay at step ``step``: cosine from ``weight_decay`` to ``weight_decay_end``."""
-        return cosine_schedule(
-            step, self.total_steps, self.hparams.weight_decay, self.hparams.weight_decay_end
-        )
+        check_resume(self, checkpoint)
 
     def teacher_temp(self, epoch: int) -> float:
         """Teacher temperature at ``epoch`` (per-epoch linear warmup, then constant)."""
@@ -380,194 +309,59 @@ class DINO(pl.LightningModule):
             self.hparams.warmup_teacher_temp_epochs,
         )
 
-    def global_batch_size(self) -> int:
-        """Per-device batch x devices x gradient accumulation, the batch the lr is scaled by."""
-        per_device = getattr(self.trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            per_device = self.trainer.train_dataloader.batch_size
-        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
-    # Optimisation --------------------------------------------------------------------------
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (or SGD) over the student only, with decay / no-decay parameter groups.
-
-        The learning-rate and weight-decay schedules come as a :class:`StepScheduler` that
-        Lightning steps after every optimizer step (``LearningRateMonitor`` logs what each step
-        used); :meth:`on_train_start` sets them for the step the run starts at.
-        """
-        groups = parameter_groups(
-            self.student, self.hparams.layerwise_decay, self.hparams.patch_embed_lr_mult
-        )
-        if self.hparams.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-        else:
-            fused = self.device.type in ("cuda", "cpu")
-            optimizer = torch.optim.AdamW(groups, lr=0.0, fused=fused)
-        scheduler = StepScheduler(optimizer, self.learning_rate, self.weight_decay)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-tensor clip of unscaled gradients, last-layer and backbone freezes, centre."""
-        if self.hparams.clip_grad > 0:
-            unscale_fp16_gradients(self.trainer, optimizer)
-            clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)
+        """Per-tensor clip of unscaled gradients, last-layer and backbone freezes, centres."""
+        self.clip_student_gradients(optimizer)
         if self.current_epoch < self.hparams.freeze_last_layer:
-            for param in self.student.head.last_layer.parameters():
-                param.grad = None
+            drop_gradients(self.student.head.last_layer)
         if self.global_step < self.hparams.freeze_backbone_steps:
-            for param in self.student.backbone.parameters():
-                param.grad = None
+            drop_gradients(self.student.backbone)
         self.loss.update_center()
-        if self.hparams.ibot_loss_weight > 0:
-            self.ibot.update_center()
+        for term in self.terms:
+            term.before_optimizer_step()
 
     # Training ------------------------------------------------------------------------------
 
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Let the loss terms see the EMA teacher before the step (a Gram snapshot when due)."""
+        for term in self.terms:
+            term.before_batch(self.global_step, self.teacher)
+
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """One DINO step: teacher on global crops, student on all crops, loss.
+        """One DINO step: teacher targets, student outputs, the DINO loss and the active terms.
 
         Batches are ``crops``, ``(crops, labels)`` or ``{"crops": crops, ...}`` (see
-        :func:`~lightning_dino.preflight.crops_of`); a run's first batch is checked against the
-        model whatever data module produced it.
+        :func:`~lightning_dino.training.preflight.crops_of`); a run's first batch is checked
+        against the model whatever data module produced it.
         """
         crops = crops_of(batch)
-        n_global = self.hparams.n_global_crops
-        if self._check_next_batch:
-            check_first_batch(self, crops)
+        if self._check_next_batch:  # a run's first batch, whatever data module produced it
+            self.crop_sizes = check_first_batch(self, crops)
             self._check_next_batch = False
-            self.crop_sizes = {
-                "global": list(crops[0].shape[-2:]),
-                "local": list(crops[n_global].shape[-2:]) if len(crops) > n_global else None,
-            }
-        hp = self.hparams
         temp = self.teacher_temp(self.current_epoch)
-        gram_on = hp.gram_loss_weight > 0 and self.global_step >= hp.gram_start_step
-        if hp.ibot_loss_weight > 0 or gram_on:
-            student_out, teacher_out, features, ibot_loss, patch_tokens = self._token_forward(
-                crops, temp
-            )
-        else:
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:n_global])
-            if hp.koleo_loss_weight > 0:
-                student_out, features = self.student.forward_with_features(crops)
-            else:
-                student_out = self.student(crops)
-        dino_loss = self.loss(student_out, teacher_out, temp)
-        terms = {"train/dino_loss": dino_loss}
-        loss = dino_loss
-        if hp.ibot_loss_weight > 0:
-            terms["train/ibot_loss"] = ibot_loss
-            loss = loss + hp.ibot_loss_weight * ibot_loss
-        if gram_on:
-            with torch.no_grad():
-                images = torch.cat(crops[:n_global])
-                anchors = vit_tokens(self.gram_teacher, images)
-            terms["train/gram_loss"] = self.gram(
-                patch_tokens, anchors[:, self.gram_teacher.num_prefix_tokens :]
-            )
-            loss = loss + hp.gram_loss_weight * terms["train/gram_loss"]
-        if hp.koleo_loss_weight > 0:
-            # Per global crop, so that two crops of one image are never neighbours (DINOv2).
-            terms["train/koleo_loss"] = sum(self.koleo(f) for f in features[:n_global])
-            loss = loss + hp.koleo_loss_weight * terms["train/koleo_loss"]
-        # Decided together, so that every process stops (one process raising alone would leave
-        # the others waiting in the next collective).
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            raise FloatingPointError(
-                f"non-finite DINO loss (here {loss.item()}) at global step {self.global_step}, "
-                f"epoch {self.current_epoch}. Likely fixes: {non_finite_fixes()}. The last "
-                "checkpoint written before this step is intact."
-            )
-        batch_size = crops[0].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        if len(terms) > 1:
-            self.log_dict(terms, batch_size=batch_size, sync_dist=True)
-        # The epoch mean, for ModelCheckpoint / EarlyStopping (train/loss is each step's value).
-        self.log(
-            "train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch_size,
-            sync_dist=True,
+        terms = [term for term in self.terms if term.active(self.global_step)]
+        masker = next((t for t in terms if MASKS in t.needs), None)
+        outputs = forward_step(
+            self.student,
+            self.teacher,
+            crops,
+            self.hparams.n_global_crops,
+            needs=frozenset().union(*(term.needs for term in terms)),
+            draw_masks=getattr(masker, "draw_masks", None),
         )
-        if not self._writes_logs_this_step():
-            # The CollapseMonitor needs the entropy ratio every step; the rest only feeds the logs.
-            ratio = teacher_entropy_ratio(teacher_out, self.loss.center, temp)
-            return {"loss": loss, "diagnostics": {"teacher_entropy_ratio": ratio}}
-        diagnostics = collapse_statistics(
-            student_out, teacher_out, self.loss.center, self.hparams.student_temp, temp
+        loss = self.loss(outputs.student_out, outputs.teacher_out, temp)
+        logged = {"train/dino_loss": loss}
+        for term in terms:
+            logged[term.log_key] = term(outputs, temp)
+            loss = loss + term.weight * logged[term.log_key]
+        check_finite_loss(self, loss)
+        return log_training_step(
+            self,
+            loss,
+            logged,
+            outputs.student_out,
+            outputs.teacher_out,
+            self.loss.center,
+            self.hparams.student_temp,
+            temp,
         )
-        decay_group = self.optimizers().optimizer.param_groups[0]
-        self.log_dict(
-            {
-                "train/lr": decay_group["lr"],
-                "train/weight_decay": decay_group["weight_decay"],
-                "train/teacher_temp": temp,
-                **{f"diagnostics/{name}": value for name, value in diagnostics.items()},
-            },
-            batch_size=batch_size,
-        )
-        return {"loss": loss, "diagnostics": diagnostics}
-
-    def _token_forward(
-        self, crops: list[Tensor], teacher_temp: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
-        """Run both networks token-wise on the global crops (masked for iBOT when it is on).
-
-        Returns:
-            ``(student logits (n_crops, B, K), teacher logits (n_global, B, K), student
-            features (n_crops, B, D), iBOT loss or None, student global patch tokens
-            (n_global * B, N, D))``.
-        """
-        n_global = self.hparams.n_global_crops
-        ibot = self.hparams.ibot_loss_weight > 0
-        batch, _, height, width = crops[0].shape
-        grid = self.student.backbone.patch_embed.dynamic_feat_size((height, width))
-        if ibot:
-            masks = batch_masks(
-                n_global * batch,
-                *grid,
-                ratio=tuple(self.hparams.ibot_mask_ratio),
-                probability=self.hparams.ibot_mask_probability,
-            )
-        else:
-            masks = torch.zeros(n_global * batch, grid[0] * grid[1], dtype=torch.bool)
-        masks = masks.to(crops[0].device)
-        with torch.no_grad():
-            teacher_out, teacher_patches, _, _ = self.teacher.forward_masked(
-                crops[:n_global], n_global, masks, mask_input=False
-            )
-        student_out, student_patches, features, patch_tokens = self.student.forward_masked(
-            crops, n_global, masks, mask_input=ibot
-        )
-        if not ibot:
-            return student_out, teacher_out, features, None, patch_tokens
-        if self.hparams.centering == "sinkhorn_knopp":
-            targets = sinkhorn_knopp(teacher_patches, teacher_temp)
-        else:
-            targets = self.ibot.teacher_probs(teacher_patches, teacher_temp)
-            self.ibot.accumulate_center(teacher_patches)  # applied in on_before_optimizer_step
-        ibot_loss = self.ibot(student_patches, targets, masks)
-        return student_out, teacher_out, features, ibot_loss, patch_tokens
-
-    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        """Take a new Gram teacher from the EMA teacher when one is due."""
-        hp = self.hparams
-        if hp.gram_loss_weight <= 0:
-            return
-        since = self.global_step - hp.gram_start_step
-        every = hp.gram_update_every
-        if since == 0 or (every > 0 and since > 0 and since % every == 0):
-            self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
-
-    def _writes_logs_this_step(self) -> bool:
-        """Whether the loggers record this step (every ``log_every_n_steps``, and at the end).
-
-        Schedule values and collapse diagnostics are computed and logged only on those steps:
-        values logged on other steps never reach a logger. Lightning's own monitors
-        (``LearningRateMonitor``, ``ThroughputMonitor``) ask the logger connector the same way.
-        """
-        trainer = self.trainer
-        return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)

@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from lightning_dino.data import EvalTransform, MultiCropDataModule, load_image
-from lightning_dino.embed import embed_images
 from lightning_dino.eval.attention import attention_maps, check_vit, save_attention_png
 from lightning_dino.eval.knn import extract_features, knn_accuracy
 from lightning_dino.eval.linear import fit_linear_probe
-from lightning_dino.export import (
+from lightning_dino.io.embed import embed_images
+from lightning_dino.io.export import (
     eval_preprocessing,
     export_backbone,
     load_backbone,

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dino import DINO
-from lightning_dino.module import clip_gradients_per_tensor, parameter_groups
+from lightning_dino.training.optimization import clip_gradients_per_tensor, parameter_groups
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 

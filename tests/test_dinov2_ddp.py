@@ -8,11 +8,11 @@ import os
 import torch
 from lightning.pytorch.callbacks import Callback
 
-import lightning_dino.module as module_mod
+import lightning_dino.losses.ibot as module_mod
 from lightning_dino import DINO
-from lightning_dino.backbones import vit_tokens
+from lightning_dino.networks.backbones import vit_tokens
 from tests.conftest import TINY_VIT, CropData, make_trainer, run_on_gloo
-from tests.test_dinov2_losses import koleo_brute_force
+from tests.losses.test_losses_dinov2 import koleo_brute_force
 
 SETTINGS = {**TINY_VIT, "drop_path_rate": 0.0, "warmup_epochs": 0, "ibot_loss_weight": 1.0,
             "koleo_loss_weight": 0.1, "monitors": False}
@@ -31,7 +31,7 @@ def _one_ddp_step(rank):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     model = initial_model()
     seen = {"koleo": []}
-    model.koleo.register_forward_hook(lambda _m, _i, out: seen["koleo"].append(out.detach()))
+    model.koleo.loss.register_forward_hook(lambda _m, _i, out: seen["koleo"].append(out.detach()))
     real_masks = module_mod.batch_masks
 
     def recording_masks(*args, **kwargs):
@@ -48,7 +48,7 @@ def _one_ddp_step(rank):
         trainer.fit(model, CropData(batch_size=4, n=8))
     finally:
         module_mod.batch_masks = real_masks
-    return {"center": model.ibot.center.clone(), "masks": seen["masks"], "globals": seen["globals"],
+    return {"center": model.ibot.loss.center.clone(), "masks": seen["masks"], "globals": seen["globals"],
             "koleo": torch.stack(seen["koleo"]), "logged_koleo": trainer.callback_metrics["train/koleo_loss"],
             "world_size": trainer.world_size, "step": trainer.global_step}
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_dino import DINO
 from lightning_dino.eval.diagnostics import collapse_statistics, teacher_entropy_ratio
-from lightning_dino.loss import DINOLoss
+from lightning_dino.losses.dino import DINOLoss
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 TINY_RESNET = {"backbone": "test_resnet", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}

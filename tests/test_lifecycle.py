@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import Logger
 from lightning_dino import DINO, DINOLoss
 from lightning_dino.cli import main
 from lightning_dino.eval.diagnostics import collapse_statistics
-from lightning_dino.resume import settle_epoch_end
+from lightning_dino.training.resume import settle_epoch_end
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 CONF = Path(__file__).parent / "conf"

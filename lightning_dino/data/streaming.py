@@ -1,6 +1,6 @@
 """Stream a dataset prepared by ``lightning-dino prepare`` with LitData, on one node or many.
 
-``lightning-dino prepare`` (:func:`lightning_dino.prepare.prepare`) writes an image folder as a
+``lightning-dino prepare`` (:func:`lightning_dino.io.prepare.prepare`) writes an image folder as a
 LitData optimised dataset: the files' encoded bytes (JPEG, PNG... as found) in chunks, with their
 labels. The layout of a prepared directory ``DIR`` (a local path or a URL such as ``s3://...``)::
 

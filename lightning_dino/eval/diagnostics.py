@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_dino.precision import full_precision
+from lightning_dino.losses.precision import full_precision
 
 UNIFORM_ADVICE = (
     "the teacher output is near-uniform (entropy ratio {ratio:.3f} > {threshold} for {steps} "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lightning_dino.data.datasets import find_image_files, load_image
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from lightning_dino.export import CONFIG_NAME, eval_preprocessing, load_backbone, read_checkpoint
+from lightning_dino.io.export import CONFIG_NAME, eval_preprocessing, load_backbone, read_checkpoint
 
 EMBEDDINGS_KEY = "embeddings"
 
@@ -52,7 +52,7 @@ def embed_images(
 
     Args:
         backbone_or_path: A module mapping (B, 3, H, W) to (B, D), or a path that
-            :func:`lightning_dino.export.load_backbone` accepts (export directory or ``.ckpt``,
+            :func:`lightning_dino.io.export.load_backbone` accepts (export directory or ``.ckpt``,
             whose teacher is used).
         image_dir: Folder to search for images.
         out_file: Output ``.safetensors`` file; the paths go to ``<out_file stem>.paths.json``.

@@ -30,7 +30,7 @@ the overlay's 0) to get the same backbone with a fresh N-way classifier.
 
 A run trained with ``feature_grid: g`` also writes ``"feature_grid": g``: the weights are plain
 timm, but the pooling is not, so after loading with timm set it again with
-``lightning_dino.backbones.use_grid_pooling(model, g)`` (``load_backbone`` does this).
+``lightning_dino.networks.backbones.use_grid_pooling(model, g)`` (``load_backbone`` does this).
 
 The teacher is exported by default: it is the network DINO evaluates and the one the official
 DINO releases publish.
@@ -49,10 +49,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_dino import __version__
-from lightning_dino.backbones import create_timm_backbone, feature_grid_of, use_grid_pooling
 from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lightning_dino.naming import setting, using_cli
+from lightning_dino.networks.backbones import (
+    create_timm_backbone,
+    feature_grid_of,
+    use_grid_pooling,
+)
+from lightning_dino.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dino.center import EMACenter
-from lightning_dino.precision import full_precision
-from lightning_dino.sinkhorn_knopp import sinkhorn_knopp
+from lightning_dino.losses.center import EMACenter
+from lightning_dino.losses.precision import full_precision
+from lightning_dino.losses.sinkhorn_knopp import sinkhorn_knopp
 
 
 class DINOLoss(EMACenter):

@@ -9,12 +9,18 @@ facebookresearch/dinov3 ``dinov3/loss/gram_loss.py``.
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dino.precision import full_precision
+from lightning_dino.losses.precision import full_precision
+from lightning_dino.losses.term import LossTerm
+from lightning_dino.naming import setting
+from lightning_dino.networks.backbones import MultiCropNetwork, is_vit, vit_tokens
+from lightning_dino.networks.forward import TOKENS, StepOutputs
 
 
 class GramLoss(nn.Module):
@@ -64,3 +70,67 @@ class GramLoss(nn.Module):
                 student_sim = student_sim.masked_fill(negative, 0.0)
                 teacher_sim = teacher_sim.masked_fill(negative, 0.0)
             return F.mse_loss(student_sim, teacher_sim)
+
+
+class GramTerm(LossTerm):
+    """DINOv3's Gram anchoring term of :class:`~lightning_dino.DINO`.
+
+    The Gram teacher is a frozen snapshot of the EMA teacher's backbone, taken at
+    ``start_step`` and refreshed every ``update_every`` steps after it; from ``start_step`` on,
+    :class:`GramLoss` holds the student's patch similarities of the global crops close to the
+    Gram teacher's on the same crops.
+
+    Args:
+        weight: The term's weight.
+        teacher_backbone: The EMA teacher's backbone (a timm ViT); copied, not shared.
+        start_step: Optimizer step at which the snapshot is taken and the term starts.
+        update_every: Steps between refreshes after the start; 0 keeps the first snapshot.
+
+    Raises:
+        ValueError: If the backbone is not a ViT (no patch tokens).
+    """
+
+    name = "gram"
+    needs = frozenset({TOKENS})
+
+    def __init__(
+        self, weight: float, teacher_backbone: nn.Module, start_step: int = 0, update_every: int = 0
+    ) -> None:
+        super().__init__(weight)
+        if not is_vit(teacher_backbone):
+            raise ValueError(
+                f"{setting('model', 'gram_loss_weight')} needs a ViT backbone (patch tokens)"
+            )
+        self.teacher = copy.deepcopy(teacher_backbone).requires_grad_(False)
+        self.loss = GramLoss()
+        self.start_step = start_step
+        self.update_every = update_every
+
+    @classmethod
+    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> GramTerm | None:
+        """On when ``gram_loss_weight`` > 0."""
+        if hparams.gram_loss_weight <= 0:
+            return None
+        return cls(
+            hparams.gram_loss_weight,
+            teacher.backbone,
+            hparams.gram_start_step,
+            hparams.gram_update_every,
+        )
+
+    def active(self, step: int) -> bool:
+        """From ``start_step`` on."""
+        return step >= self.start_step
+
+    def before_batch(self, step: int, teacher: MultiCropNetwork) -> None:
+        """Take a new snapshot of the EMA teacher's backbone when one is due."""
+        since = step - self.start_step
+        every = self.update_every
+        if since == 0 or (every > 0 and since > 0 and since % every == 0):
+            self.teacher.load_state_dict(teacher.backbone.state_dict())
+
+    def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:
+        """Gram loss of the student's global patch tokens against the Gram teacher's."""
+        with torch.no_grad():
+            anchors = vit_tokens(self.teacher, torch.cat(outputs.crops[: outputs.n_global]))
+        return self.loss(outputs.patch_tokens, anchors[:, self.teacher.num_prefix_tokens :])

@@ -8,12 +8,19 @@ Oquab et al., *DINOv2*, TMLR 2024; ``iBOTPatchLoss`` of facebookresearch/dinov2
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dino.center import EMACenter
-from lightning_dino.precision import full_precision
+from lightning_dino.losses.center import EMACenter
+from lightning_dino.losses.precision import full_precision
+from lightning_dino.losses.sinkhorn_knopp import sinkhorn_knopp
+from lightning_dino.losses.term import LossTerm
+from lightning_dino.networks.backbones import MultiCropNetwork
+from lightning_dino.networks.forward import MASKS, TOKENS, StepOutputs
+from lightning_dino.networks.masking import batch_masks
 
 
 class iBOTPatchLoss(EMACenter):
@@ -26,7 +33,7 @@ class iBOTPatchLoss(EMACenter):
 
     The teacher targets come from :meth:`teacher_probs` (centred with this loss's own EMA centre,
     sharpened by the teacher temperature) or from
-    :func:`~lightning_dino.sinkhorn_knopp.sinkhorn_knopp`.
+    :func:`~lightning_dino.losses.sinkhorn_knopp.sinkhorn_knopp`.
 
     Args:
         out_dim: Number of prototypes K of the patch head.
@@ -104,3 +111,79 @@ class iBOTPatchLoss(EMACenter):
         with full_precision(teacher_patch_logits.device):
             centred = teacher_patch_logits.float() - self.center.float()
             return F.softmax(centred / teacher_temp, dim=-1)
+
+
+class iBOTTerm(LossTerm):
+    """DINOv2's iBOT term of :class:`~lightning_dino.DINO`: masked-patch cross-entropy.
+
+    The student's global crops are masked block-wise (:func:`batch_masks`); the teacher sees them
+    whole. The teacher's patch logits at the masked positions become targets with this term's
+    own EMA centre (moved once per optimizer step over the global batch) or by Sinkhorn-Knopp.
+
+    Args:
+        weight: The term's weight (1.0 in DINOv2).
+        out_dim: Number of prototypes K of the head.
+        student_temp: Student temperature.
+        center_momentum: EMA momentum of the patch centre.
+        centering: ``"center"`` or ``"sinkhorn_knopp"``, as the DINO loss's.
+        mask_ratio: (min, max) fraction of the patches masked in a masked image.
+        mask_probability: Fraction of the global crops that are masked.
+    """
+
+    name = "ibot"
+    needs = frozenset({MASKS, TOKENS})
+
+    def __init__(
+        self,
+        weight: float,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        mask_ratio: tuple[float, float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+    ) -> None:
+        super().__init__(weight)
+        self.loss = iBOTPatchLoss(out_dim, student_temp, center_momentum)
+        self.centering = centering
+        self.mask_ratio = (float(mask_ratio[0]), float(mask_ratio[1]))
+        self.mask_probability = mask_probability
+
+    @classmethod
+    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> iBOTTerm | None:
+        """On when ``ibot_loss_weight`` > 0, with the DINO loss's temperature and centring."""
+        if hparams.ibot_loss_weight <= 0:
+            return None
+        return cls(
+            hparams.ibot_loss_weight,
+            hparams.out_dim,
+            hparams.student_temp,
+            hparams.center_momentum,
+            hparams.centering,
+            tuple(hparams.ibot_mask_ratio),
+            hparams.ibot_mask_probability,
+        )
+
+    def draw_masks(self, n_images: int, height: int, width: int) -> Tensor:
+        """Block-wise masks for the global crops, (n_images, height * width)."""
+        return batch_masks(
+            n_images, height, width, ratio=self.mask_ratio, probability=self.mask_probability
+        )
+
+    def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:
+        """The masked-patch loss; accumulates the teacher's patch logits for the centre."""
+        teacher_patches = outputs.teacher_patch_logits
+        if self.centering == "sinkhorn_knopp":
+            targets = sinkhorn_knopp(teacher_patches, teacher_temp)
+        else:
+            targets = self.loss.teacher_probs(teacher_patches, teacher_temp)
+            self.loss.accumulate_center(teacher_patches)  # applied in before_optimizer_step
+        return self.loss(outputs.student_patch_logits, targets, outputs.masks)
+
+    def start_run(self) -> None:
+        """Reset the patch centre to 0."""
+        self.loss.reset_center()
+
+    def before_optimizer_step(self) -> None:
+        """Move the patch centre by this step's accumulated teacher statistics."""
+        self.loss.update_center()

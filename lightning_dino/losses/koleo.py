@@ -7,11 +7,16 @@ facebookresearch/dinov2 ``dinov2/loss/koleo_loss.py``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dino.precision import full_precision
+from lightning_dino.losses.precision import full_precision
+from lightning_dino.losses.term import LossTerm
+from lightning_dino.networks.backbones import MultiCropNetwork
+from lightning_dino.networks.forward import FEATURES, StepOutputs
 
 
 class KoLeoLoss(nn.Module):
@@ -55,3 +60,31 @@ class KoLeoLoss(nn.Module):
             neighbour = dots.argmax(dim=1)
             distances = torch.linalg.vector_norm(x - x[neighbour], dim=-1)
             return -torch.log(distances + self.eps).mean()
+
+
+class KoLeoTerm(LossTerm):
+    """DINOv2's KoLeo term of :class:`~lightning_dino.DINO`.
+
+    The sum over the global crops of :class:`KoLeoLoss` on the student's backbone features of
+    that crop: per global crop, so that two crops of one image are never each other's
+    neighbour (DINOv2).
+
+    Args:
+        weight: The term's weight (0.1 in DINOv2).
+    """
+
+    name = "koleo"
+    needs = frozenset({FEATURES})
+
+    def __init__(self, weight: float) -> None:
+        super().__init__(weight)
+        self.loss = KoLeoLoss()
+
+    @classmethod
+    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> KoLeoTerm | None:
+        """On when ``koleo_loss_weight`` > 0."""
+        return cls(hparams.koleo_loss_weight) if hparams.koleo_loss_weight > 0 else None
+
+    def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:
+        """KoLeo of each global crop's student features (n_global of (B, D)), summed."""
+        return sum(self.loss(f) for f in outputs.features[: outputs.n_global])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dino.precision import full_precision
+from lightning_dino.losses.precision import full_precision
 
 
 @torch.no_grad()

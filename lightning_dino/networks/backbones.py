@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_dino.head import DINOHead
 from lightning_dino.naming import setting
+from lightning_dino.networks.head import DINOHead
 
 
 def _timm_kwargs(name: str, drop_path_rate: float, extra: dict[str, Any]) -> list[dict[str, Any]]:
@@ -353,6 +353,8 @@ def build_student_teacher(
     feature_grid: int = 0,
     backbone_dim: int | None = None,
     mask_token: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -369,6 +371,8 @@ def build_student_teacher(
         backbone_dim: The backbone's feature width, when :func:`feature_dim` cannot find it.
         mask_token: Give both networks an iBOT mask token (a ViT whose pooled features are
             token-wide, so that the head takes class and patch tokens alike).
+        channels_last: Keep convolutional backbones' weights channels-last (ViTs are left).
+        compile: ``torch.compile`` both backbones in place (checkpoint keys do not change).
 
     Returns:
         ``(student, teacher)``.
@@ -381,7 +385,8 @@ def build_student_teacher(
     elif feature_grid:
         raise ValueError(
             f"{setting('model', 'feature_grid')} applies to timm backbones given by name; for "
-            "your own module, pool inside it (e.g. lightning_dino.backbones.use_grid_pooling) "
+            "your own module, pool inside it (e.g. "
+            "lightning_dino.networks.backbones.use_grid_pooling) "
             f"and pass {setting('model', 'feature_grid', 0)}"
         )
     else:
@@ -402,4 +407,9 @@ def build_student_teacher(
     )
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    for network in (student, teacher):
+        if channels_last and not is_vit(network.backbone):
+            network.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            network.backbone.compile(dynamic=False)
     return student, teacher

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_dino.naming import setting
-from lightning_dino.preemption import StopSignals, TrainingInterrupted
+from lightning_dino.training.preemption import StopSignals, TrainingInterrupted
 
 _TEMPORARY_SUFFIX = ".partial"
 
@@ -55,8 +55,8 @@ class DINOCheckpoint(ModelCheckpoint):
       last good checkpoint stays as it was.
     * **Signals**: on SIGTERM or SIGINT the running optimizer step finishes, ``last.ckpt`` is
       written at that step (every process agreeing, atomically) and
-      :class:`~lightning_dino.preemption.TrainingInterrupted` ends the run with exit status 143
-      (SIGTERM) or 130 (SIGINT); ``--ckpt_path last`` continues exactly from there. At an
+      :class:`~lightning_dino.training.preemption.TrainingInterrupted` ends the run with exit
+      status 143 (SIGTERM) or 130 (SIGINT); ``--ckpt_path last`` continues exactly from there. At an
       epoch's last step the epoch-end checkpoints are written first. A second signal of the
       same kind acts at once.
     * **Torn files**: temporary ``.NAME.partial`` files left by a process killed while writing
@@ -371,3 +371,25 @@ def _replace(source: str, target: str) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def check_finite_loss(module: pl.LightningModule, loss: torch.Tensor) -> None:
+    """Stop every process together when the loss is not finite, naming the step and the fixes.
+
+    Decided together, so that every process stops (one process raising alone would leave the
+    others waiting in the next collective).
+
+    Args:
+        module: The module training (its trainer, step and epoch).
+        loss: This step's total loss.
+
+    Raises:
+        FloatingPointError: If the loss is NaN or infinite on any process.
+    """
+    trainer = module.trainer
+    if not trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+        raise FloatingPointError(
+            f"non-finite {type(module).__name__} loss (here {loss.item()}) at global step "
+            f"{module.global_step}, epoch {module.current_epoch}. Likely fixes: "
+            f"{non_finite_fixes()}. The last checkpoint written before this step is intact."
+        )

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
-from lightning_dino.preflight import crops_of
+from lightning_dino.training.preflight import crops_of
 
 
 class ThroughputLogger(Callback):

@@ -1,4 +1,4 @@
-"""DINO's optimisation pieces: parameter groups (with DINOv2's layer-wise lr decay) and clipping.
+"""DINO's optimisation: parameter groups (DINOv2's layer-wise lr decay), clipping, schedules.
 
 Reference: ``get_params_groups`` and ``clip_gradients`` in facebookresearch/dino ``utils.py``;
 ``get_params_groups_with_decay`` in facebookresearch/dinov2 ``dinov2/utils/param_groups.py``.
@@ -10,7 +10,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
+
+from lightning_dino.training.preflight import schedule_warnings
+from lightning_dino.training.schedules import (
+    StepScheduler,
+    cosine_schedule,
+    global_batch_size,
+    run_length,
+)
 
 
 def parameter_groups(
@@ -27,7 +36,7 @@ def parameter_groups(
     position embedding, class and register tokens), ``i + 1`` for block ``i``, ``n_blocks + 1``
     for everything else (final norm, head); patch-embedding parameters also by
     ``patch_embed_lr_mult``. Parameters with the same scale share a group, whose ``lr_scale``
-    :class:`~lightning_dino.schedules.StepScheduler` applies.
+    :class:`~lightning_dino.training.schedules.StepScheduler` applies.
 
     Args:
         module: The network whose trainable parameters are grouped (``backbone`` + ``head``).
@@ -118,3 +127,109 @@ def unscale_fp16_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
         scaler.unscale_(optimizer)
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], name: str, device: torch.device
+) -> torch.optim.Optimizer:
+    """The optimizer over parameter groups; lr and weight decay are set by the schedules.
+
+    Args:
+        groups: Parameter groups (:func:`parameter_groups`).
+        name: ``"adamw"`` (torch defaults; fused on CUDA and CPU) or ``"sgd"`` (momentum 0.9).
+        device: Where the parameters are.
+
+    Returns:
+        The optimizer, at lr 0 until the first schedule step.
+    """
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=0.0, fused=device.type in ("cuda", "cpu"))
+
+
+def drop_gradients(module: nn.Module) -> None:
+    """Set every gradient of ``module`` to None, so the optimizer skips it entirely this step.
+
+    AdamW then applies neither the update nor weight decay, and its moments do not move: the
+    reference's way of freezing the last layer in the first epoch.
+    """
+    for param in module.parameters():
+        param.grad = None
+
+
+class StudentOptimization:
+    """How a self-distillation module optimises its ``student``, for LightningModules to inherit.
+
+    AdamW (or SGD) over the student only, with decay / no-decay groups (and DINOv2's layer-wise
+    decay); the learning rate warms up linearly over ``warmup_epochs`` and decays by a cosine to
+    ``min_lr``; the weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end``;
+    all per optimizer step, as pure functions of the step (resuming continues them exactly). The
+    peak lr is ``lr * global batch / 256``. Gradients are clipped per tensor after unscaling.
+
+    The inheriting module has a ``student`` and these hyperparameters: ``lr``, ``min_lr``,
+    ``warmup_epochs``, ``weight_decay``, ``weight_decay_end``, ``optimizer``,
+    ``layerwise_decay``, ``patch_embed_lr_mult`` and ``clip_grad``; it calls
+    :meth:`start_schedules` in ``on_train_start`` and :meth:`clip_student_gradients` in
+    ``on_before_optimizer_step``.
+    """
+
+    total_steps: int = 1
+    steps_per_epoch: int = 1
+    peak_lr: float = 0.0
+
+    def start_schedules(self) -> None:
+        """Fix the run length and the peak lr for the run starting (or resuming) now.
+
+        The run is the Trainer's: a Trainer that resumes or fits again after ``max_epochs`` was
+        raised continues its step count, and every schedule continues from that step over the
+        new run length. Warns about schedules longer than the run.
+        """
+        self.total_steps, self.steps_per_epoch = run_length(self.trainer)
+        self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
+        for message in schedule_warnings(self):
+            rank_zero_warn(message)
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, StepScheduler):
+            scheduler.sync(self.global_step)
+
+    def learning_rate(self, step: int) -> float:
+        """Learning rate at optimizer step ``step``: linear warmup, then cosine to ``min_lr``."""
+        return cosine_schedule(
+            step,
+            self.total_steps,
+            start=self.peak_lr,
+            end=self.hparams.min_lr,
+            warmup_steps=round(self.hparams.warmup_epochs * self.steps_per_epoch),
+        )
+
+    def weight_decay(self, step: int) -> float:
+        """Weight decay at step ``step``: cosine from ``weight_decay`` to ``weight_decay_end``."""
+        return cosine_schedule(
+            step, self.total_steps, self.hparams.weight_decay, self.hparams.weight_decay_end
+        )
+
+    def global_batch_size(self) -> int:
+        """Per-device batch x devices x gradient accumulation, the batch the lr is scaled by."""
+        return global_batch_size(self.trainer)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer over the student's parameter groups and its per-step schedules.
+
+        The learning-rate and weight-decay schedules come as a :class:`StepScheduler` that
+        Lightning steps after every optimizer step (``LearningRateMonitor`` logs what each step
+        used); :meth:`start_schedules` sets them for the step the run starts at.
+        """
+        hp = self.hparams
+        groups = parameter_groups(self.student, hp.layerwise_decay, hp.patch_embed_lr_mult)
+        optimizer = build_optimizer(groups, hp.optimizer, self.device)
+        scheduler = StepScheduler(optimizer, self.learning_rate, self.weight_decay)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def clip_student_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip each of the student's gradient tensors to ``clip_grad`` (after unscaling)."""
+        if self.hparams.clip_grad > 0:
+            unscale_fp16_gradients(self.trainer, optimizer)
+            clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)

@@ -2,8 +2,8 @@
 
 Clouds, Kubernetes and most batch schedulers send SIGTERM some seconds before they kill a job;
 Ctrl-C sends SIGINT. :class:`StopSignals` turns the first of either into a request that the
-checkpoint callback (:class:`~lightning_dino.checkpointing.DINOCheckpoint`) honours at the end of
-the running optimizer step: it writes ``last.ckpt`` at that step and raises
+checkpoint callback (:class:`~lightning_dino.training.checkpointing.DINOCheckpoint`) honours
+at the end of the running optimizer step: it writes ``last.ckpt`` at that step and raises
 :class:`TrainingInterrupted`, so the process exits with ``128 + signal`` (143 for SIGTERM, 130 for
 SIGINT) instead of 0. A second signal of the same kind is passed to the handler that was there
 before (Ctrl-C twice interrupts at once). SIGUSR1 (SLURM's requeue signal) is left to Lightning.

@@ -9,7 +9,7 @@ BatchNorm with one image per device, and schedules longer than the run (a warnin
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -17,11 +17,8 @@ from torch import Tensor, nn
 
 from lightning_dino.naming import setting
 
-if TYPE_CHECKING:
-    from lightning_dino.module import DINO
 
-
-def check_model_and_data(model: DINO, trainer: pl.Trainer) -> None:
+def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None:
     """Raise on model x data settings that cannot train; does nothing without a data module.
 
     Reads the crop settings from the data module's ``hparams`` (as
@@ -51,7 +48,7 @@ def check_model_and_data(model: DINO, trainer: pl.Trainer) -> None:
     _check_batch_norm(model.student, batch_size, trainer)
 
 
-def schedule_warnings(model: DINO) -> list[str]:
+def schedule_warnings(model: pl.LightningModule) -> list[str]:
     """Messages for schedules that do not fit in the run (call once the run length is known).
 
     Args:
@@ -90,7 +87,7 @@ def schedule_warnings(model: DINO) -> list[str]:
     return messages
 
 
-def _check_views(model: DINO, data: dict[str, Any]) -> None:
+def _check_views(model: pl.LightningModule, data: dict[str, Any]) -> None:
     n_global = data.get("n_global_crops")
     if n_global is None:
         return
@@ -197,7 +194,9 @@ def crops_of(batch: Any) -> list[Tensor]:
     raise TypeError(f"a DINO training batch must be {BATCH_FORMATS}; got {_describe(batch)}")
 
 
-def check_first_batch(model: DINO, crops: list[Tensor]) -> None:
+def check_first_batch(
+    model: pl.LightningModule, crops: list[Tensor]
+) -> dict[str, list[int] | None]:
     """Check a run's first batch against the model, whatever data module produced it.
 
     The same checks as :func:`check_model_and_data` makes on ``MultiCropDataModule`` settings,
@@ -207,6 +206,9 @@ def check_first_batch(model: DINO, crops: list[Tensor]) -> None:
     Args:
         model: The DINO module.
         crops: The first batch's crops.
+
+    Returns:
+        The crop sizes the run trains on: ``{"global": [H, W], "local": [h, w] or None}``.
 
     Raises:
         ValueError: Naming the problem in the batch and the fix.
@@ -229,6 +231,10 @@ def check_first_batch(model: DINO, crops: list[Tensor]) -> None:
             (height, width),
             device,
         )
+    return {
+        "global": list(crops[0].shape[-2:]),
+        "local": list(crops[n_global].shape[-2:]) if len(crops) > n_global else None,
+    }
 
 
 def _is_image_batch(value: Any) -> bool:

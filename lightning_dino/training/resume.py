@@ -1,14 +1,17 @@
 """Resuming a run: what a checkpoint may change, and end-of-epoch checkpoints that resume exactly.
 
-Used by :meth:`lightning_dino.DINO.on_load_checkpoint`, which Lightning calls with the loaded
-checkpoint before it loads the weights and the loop state, so both functions here see (and may
-fix) the checkpoint before anything of it is used.
+:func:`check_resume` is what :meth:`lightning_dino.DINO.on_load_checkpoint` does: Lightning calls
+that hook with the loaded checkpoint before it loads the weights and the loop state, so the
+functions here see (and may fix) the checkpoint before anything of it is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_dino.naming import setting
 
@@ -131,3 +134,67 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return bool(a == b)
+
+
+# State-dict keys of checkpoints written by lightning_dino 0.1, before the optional loss terms
+# became objects of their own (iBOT's centre, the Gram teacher), and what they are called now.
+_RENAMED_KEYS = (("ibot.center", "ibot.loss.center"), ("gram_teacher.", "gram.teacher."))
+
+
+def upgrade_state_dict(state_dict: dict[str, Any]) -> list[str]:
+    """Rename, in place, the keys of a 0.1 checkpoint's ``state_dict`` to today's names.
+
+    Args:
+        state_dict: A checkpoint's ``state_dict`` (changed in place).
+
+    Returns:
+        The old keys that were renamed (empty for a checkpoint written by this version).
+    """
+    renamed = []
+    for key in list(state_dict):
+        for old, new in _RENAMED_KEYS:
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                state_dict[new + key[len(old) :]] = state_dict.pop(key)
+                renamed.append(key)
+    return renamed
+
+
+def check_resume(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Check a checkpoint against the module resuming from it, and settle it (see below).
+
+    * Keys of older checkpoints are renamed (:func:`upgrade_state_dict`).
+    * A checkpoint written with the user's own ``nn.Module`` backbone cannot rebuild it.
+    * Under a Trainer: network-shaping hyperparameters that differ fail, naming the keys; other
+      differences are what the command line changed on resume (this run's values win, one
+      warning lists them); an end-of-epoch checkpoint's loop state is rewritten
+      (:func:`settle_epoch_end`).
+
+    Args:
+        module: The module (its ``hparams``, and its trainer when it has one).
+        checkpoint: The loaded checkpoint (changed in place).
+
+    Raises:
+        ResumeError: If the checkpoint's networks cannot be rebuilt or loaded by this module.
+    """
+    upgrade_state_dict(checkpoint.get("state_dict", {}))
+    saved = checkpoint.get("hyper_parameters") or {}
+    if saved and "backbone" not in saved and isinstance(module.hparams.get("backbone"), str):
+        raise ResumeError(
+            "this checkpoint was trained with your own nn.Module backbone, which a checkpoint "
+            f"cannot rebuild: pass the same module again, e.g. "
+            f"{type(module).__name__}.load_from_checkpoint(path, backbone=MyBackbone(...))"
+        )
+    if module._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
+        return
+    path = str(module.trainer.ckpt_path)
+    changes = hyperparameter_changes(saved, module.hparams)
+    message = structural_change_message(changes, path)
+    if message:
+        raise ResumeError(message)
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        rank_zero_warn(
+            f"resuming from {path} with hyperparameters that differ from the checkpoint's "
+            f"(this run's values are used): {listed}"
+        )
+    settle_epoch_end(checkpoint)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -145,3 +146,32 @@ class StepScheduler(LRScheduler):
         for group in self.optimizer.param_groups:
             decays = group.get("apply_weight_decay", group.get("name") == "decay")
             group["weight_decay"] = wd if decays else 0.0
+
+
+def run_length(trainer: pl.Trainer) -> tuple[int, int]:
+    """The optimizer steps of the whole run and of one epoch, as the per-step schedules use them.
+
+    Args:
+        trainer: The trainer, at the start of ``fit`` (its loaders are known).
+
+    Returns:
+        ``(total_steps, steps_per_epoch)``, both at least 1.
+    """
+    total_steps = int(trainer.estimated_stepping_batches)
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    else:
+        per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
+    return total_steps, per_epoch
+
+
+def global_batch_size(trainer: pl.Trainer) -> int:
+    """Per-device batch x devices x gradient accumulation, the batch the lr is scaled by.
+
+    The per-device batch is the data module's ``batch_size`` or the training loader's.
+    """
+    per_device = getattr(trainer.datamodule, "batch_size", None)
+    if per_device is None:
+        per_device = trainer.train_dataloader.batch_size
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_dino.schedules import cosine_schedule
+from lightning_dino.training.schedules import cosine_schedule
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from lightning_dino.data.datasets import (
     find_image_files,
     load_image,
 )
-from lightning_dino.embed import embed_images
+from lightning_dino.io.embed import embed_images
 
 # EXIF orientation 6: the stored pixels must be turned 90 degrees clockwise to be upright.
 ROTATE_CLOCKWISE = 6

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from torchvision.transforms import v2
 
 from lightning_dino import DINO
-from lightning_dino.embed import embed_images, load_embeddings, paths_file
-from lightning_dino.export import export_backbone
+from lightning_dino.io.embed import embed_images, load_embeddings, paths_file
+from lightning_dino.io.export import export_backbone
 from tests.conftest import TINY_VIT
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -157,7 +157,7 @@ def test_errors(backbone, tmp_path):
 
 
 def test_preprocessing_defaults_come_from_the_export(tmp_path):
-    from lightning_dino.embed import _eval_transform
+    from lightning_dino.io.embed import _eval_transform
 
     export = tmp_path / "export"
     export.mkdir()

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_dino import DINO
-from lightning_dino.backbones import use_grid_pooling
-from lightning_dino.export import export_backbone, load_backbone
+from lightning_dino.io.export import export_backbone, load_backbone
+from lightning_dino.networks.backbones import use_grid_pooling
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 TINY_RESNET = {"backbone": "test_resnet", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
@@ -245,7 +245,7 @@ def test_custom_module_backbone_exports_weights_with_a_hint(tmp_path):
 def test_finetune_example_runs(trained, monkeypatch):
     _, ckpt, tmp_path = trained
     out = export_backbone(ckpt, tmp_path / "example")
-    script = Path(__file__).parents[1] / "examples" / "finetune_exported_backbone.py"
+    script = Path(__file__).parents[2] / "examples" / "finetune_exported_backbone.py"
     argv = [
         str(script),
         "--export",

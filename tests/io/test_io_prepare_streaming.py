@@ -18,11 +18,11 @@ from lightning_dino import prepare_streaming_dataset
 from lightning_dino.cli import _with_bare_flags_true, main
 from lightning_dino.data import MultiCropDataModule, StreamingImages, decode_image, load_image
 from lightning_dino.data.streaming import PreparedDataset, split_dir
-from lightning_dino.prepare import file_problem, plan_splits, scan_layout
+from lightning_dino.io.prepare import file_problem, plan_splits, scan_layout
 from tests.conftest import run_on_gloo
 
-ROOT = Path(__file__).parents[1]
-CONF = Path(__file__).parent / "conf"
+ROOT = Path(__file__).parents[2]
+CONF = Path(__file__).parents[1] / "conf"
 N_IMAGES = 12
 CROPS = {"global_crop_size": 32, "local_crop_size": 16, "n_local_crops": 2}
 

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dino import DINO
-from lightning_dino.gram import GramLoss
+from lightning_dino.losses.gram import GramLoss
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 
@@ -54,11 +54,11 @@ def test_the_gram_teacher_is_a_snapshot_of_the_ema_teacher_and_the_term_starts_o
     # The term is on from step 2 (the 3rd batch), logged after it.
     assert logged[1] is None and logged[2] is None and logged[3] is not None and float(logged[3]) > 0
     # Taken as step 2 starts, refreshed as step 5 starts (2 + 3), not at any other step.
-    for name, value in model.gram_teacher.state_dict().items():
+    for name, value in model.gram.teacher.state_dict().items():
         assert torch.equal(value, teachers[5][name]), name
-    moved = [n for n, v in model.gram_teacher.state_dict().items() if not torch.equal(v, teachers[4][n])]
+    moved = [n for n, v in model.gram.teacher.state_dict().items() if not torch.equal(v, teachers[4][n])]
     assert moved  # the teacher of step 4 differs: the snapshot is the refreshed one
-    assert all(not p.requires_grad for p in model.gram_teacher.parameters())
+    assert all(not p.requires_grad for p in model.gram.teacher.parameters())
 
 
 def test_gram_loss_is_zero_when_student_and_gram_teacher_are_the_same_network():

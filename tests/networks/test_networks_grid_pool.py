@@ -5,7 +5,7 @@ import timm
 import torch
 
 from lightning_dino import DINO
-from lightning_dino.backbones import (
+from lightning_dino.networks.backbones import (
     GridPool,
     create_timm_backbone,
     feature_grid_of,

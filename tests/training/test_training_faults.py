@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision, TorchCheckpointIO
 
-import lightning_dino.module
+import lightning_dino.training.optimization
 from lightning_dino import DINO
-from lightning_dino.checkpointing import DINOCheckpoint
+from lightning_dino.training.checkpointing import DINOCheckpoint
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 
@@ -120,7 +120,7 @@ def test_a_crash_while_writing_last_ckpt_keeps_the_previous_one(tmp_path, monkey
 def first_clip_norms(precision_plugins, optimizer):
     """Gradient norms that DINO's per-tensor clip receives at the first optimizer step."""
     seen = []
-    real_clip = lightning_dino.module.clip_gradients_per_tensor
+    real_clip = lightning_dino.training.optimization.clip_gradients_per_tensor
 
     def recording_clip(params, max_norm):
         if not seen:
@@ -132,7 +132,7 @@ def first_clip_norms(precision_plugins, optimizer):
     # gradients through the L2 normalisation even unscaled.
     model = DINO(**{**TINY_VIT, "hidden_dim": 512, "bottleneck_dim": 128}, optimizer=optimizer, warmup_epochs=0)
     trainer = make_trainer(max_steps=1, plugins=precision_plugins)
-    with mock.patch.object(lightning_dino.module, "clip_gradients_per_tensor", recording_clip):
+    with mock.patch.object(lightning_dino.training.optimization, "clip_gradients_per_tensor", recording_clip):
         trainer.fit(model, CropData(batch_size=4, n=8))
     return seen[0], trainer
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lightning_dino.monitors import ThroughputLogger, crop_grid
-from lightning_dino.preflight import crops_of
+from lightning_dino.training.monitors import ThroughputLogger, crop_grid
+from lightning_dino.training.preflight import crops_of
 
 
 def test_crop_grid_rows_and_denormalisation():
@@ -32,7 +32,7 @@ def test_throughput_logger_measures_images_per_second(monkeypatch):
             logged[name] = value
 
     times = iter([10.0, 10.5])
-    monkeypatch.setattr("lightning_dino.monitors.time.perf_counter", lambda: next(times))
+    monkeypatch.setattr("lightning_dino.training.monitors.time.perf_counter", lambda: next(times))
     logger = ThroughputLogger()
     batch = ([torch.zeros(8, 3, 4, 4)], torch.zeros(8))
     logger.on_train_batch_start(None, Module(), batch, 0)

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_dino.checkpointing import DINOCheckpoint, _replace
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
+from lightning_dino.training.checkpointing import DINOCheckpoint, _replace
 
-ROOT = Path(__file__).parents[1]
-CONF = Path(__file__).parent / "conf"
+ROOT = Path(__file__).parents[2]
+CONF = Path(__file__).parents[1] / "conf"
 PROBES = "tests.scripts.probes"
 
 # 16 synthetic images, batch 4: 4 steps per epoch, 12 in all. Every schedule moves: lr warmup over

@@ -11,11 +11,11 @@ import torch
 import lightning_dino
 from lightning_dino import DINO
 from lightning_dino.cli import main
-from lightning_dino.export import read_checkpoint
+from lightning_dino.io.export import read_checkpoint
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 PACKAGE = Path(lightning_dino.__file__).parent
-CONF = Path(__file__).parent / "conf"
+CONF = Path(__file__).parents[1] / "conf"
 
 
 def test_every_torch_load_in_the_package_is_weights_only():

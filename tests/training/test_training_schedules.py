@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_dino.schedules import cosine_schedule, teacher_temperature
+from lightning_dino.training.schedules import cosine_schedule, teacher_temperature
 
 
 def reference_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.0):
