@@ -79,7 +79,9 @@ class DINO(StudentOptimization, pl.LightningModule):
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after the warmup.
         warmup_teacher_temp: Teacher temperature at epoch 0.
-        warmup_teacher_temp_epochs: Epochs of linear teacher-temperature warmup (per epoch).
+        warmup_teacher_temp_epochs: Epochs of linear teacher-temperature warmup.
+        teacher_temp_per_step: Warm the teacher temperature up per optimizer step (DINOv2)
+            instead of per epoch (DINO; the temperature of an epoch is constant).
         centering: How the teacher's targets are centred: ``"center"`` (DINO's EMA centre) or
             ``"sinkhorn_knopp"`` (DINOv2's option, 3 iterations over the global batch).
         koleo_loss_weight: Weight of DINOv2's KoLeo regulariser on the student's backbone
@@ -95,8 +97,19 @@ class DINO(StudentOptimization, pl.LightningModule):
             (DINOv3 starts late in a long run).
         gram_update_every: Steps between refreshes of the Gram teacher after the start; 0 keeps
             the first snapshot.
+        gram_max_updates: At most this many refreshes after the first snapshot (DINOv3's
+            ``max_updates``); 0 = no limit.
+        gram_remove_negatives: Zero negative patch similarities before comparing (DINOv3's
+            ``GramLoss`` class default); False anchors them too, as DINOv3's training configs.
+        gram_image_size: Side the global crops are resized to (bicubic) for the Gram teacher,
+            whose patch features are then resized to the student's grid (DINOv3 gives the
+            Gram teacher higher-resolution crops); 0 = the student's crops as they are.
         ibot_mask_ratio: (min, max) fraction of the patches masked in a masked image.
         ibot_mask_probability: Fraction of the global crops that are masked.
+        ibot_separate_head: A separate head for the iBOT patch tokens (DINOv2's ViT-L/g
+            recipes); False shares the DINO head.
+        ibot_out_dim: Prototypes of the separate iBOT head; 0 = ``out_dim``.
+        ibot_bottleneck_dim: Bottleneck of the separate iBOT head; 0 = ``bottleneck_dim``.
         layerwise_decay: DINOv2's layer-wise learning-rate decay for ViT backbones (0.9 in
             DINOv2; 1.0 = off, the DINO reference): block i trains at
             ``decay ** (n_blocks - i)`` times the lr, the embeddings at ``decay ** (n_blocks + 1)``.
@@ -150,6 +163,7 @@ class DINO(StudentOptimization, pl.LightningModule):
         teacher_temp: float = 0.04,
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: int = 0,
+        teacher_temp_per_step: bool = False,
         center_momentum: float = 0.9,
         centering: Literal["center", "sinkhorn_knopp"] = "center",
         koleo_loss_weight: float = 0.0,
@@ -157,8 +171,14 @@ class DINO(StudentOptimization, pl.LightningModule):
         gram_loss_weight: float = 0.0,
         gram_start_step: int = 0,
         gram_update_every: int = 0,
+        gram_max_updates: int = 0,
+        gram_remove_negatives: bool = False,
+        gram_image_size: int = 0,
         ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
         ibot_mask_probability: float = 0.5,
+        ibot_separate_head: bool = False,
+        ibot_out_dim: int = 0,
+        ibot_bottleneck_dim: int = 0,
         layerwise_decay: float = 1.0,
         patch_embed_lr_mult: float = 1.0,
         momentum_teacher: float = 0.996,
@@ -181,19 +201,14 @@ class DINO(StudentOptimization, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         validate_hyperparameters(self.hparams)
+        head = dict(out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                    n_layers=n_head_layers, use_bn=use_bn_in_head, norm_last_layer=norm_last_layer)
+        patch_head = {**head, "out_dim": ibot_out_dim or out_dim,
+                      "bottleneck_dim": ibot_bottleneck_dim or bottleneck_dim}
         self.student, self.teacher = build_student_teacher(
-            backbone,
-            head_kwargs=dict(
-                out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                n_layers=n_head_layers, use_bn=use_bn_in_head, norm_last_layer=norm_last_layer,
-            ),
-            drop_path_rate=drop_path_rate,
-            backbone_kwargs=backbone_kwargs,
-            feature_grid=feature_grid,
-            backbone_dim=backbone_dim,
-            mask_token=ibot_loss_weight > 0,
-            channels_last=channels_last,
-            compile=compile,
+            backbone, head, drop_path_rate, backbone_kwargs, feature_grid, backbone_dim,
+            mask_token=ibot_loss_weight > 0, channels_last=channels_last, compile=compile,
+            patch_head_kwargs=patch_head if ibot_separate_head and ibot_loss_weight > 0 else None,
         )
         self.loss = DINOLoss(
             out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
@@ -300,13 +315,18 @@ class DINO(StudentOptimization, pl.LightningModule):
         """
         check_resume(self, checkpoint)
 
-    def teacher_temp(self, epoch: int) -> float:
-        """Teacher temperature at ``epoch`` (per-epoch linear warmup, then constant)."""
+    def teacher_temp(self, epoch: int, step: int | None = None) -> float:
+        """Teacher temperature at ``epoch`` (or optimizer ``step`` with ``teacher_temp_per_step``).
+
+        A linear warmup from ``warmup_teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs
+        (per epoch as DINO, or per step as DINOv2), then constant.
+        """
+        hp = self.hparams
+        if hp.teacher_temp_per_step and step is not None:
+            warmup_steps = round(hp.warmup_teacher_temp_epochs * self.steps_per_epoch)
+            return teacher_temperature(step, hp.teacher_temp, hp.warmup_teacher_temp, warmup_steps)
         return teacher_temperature(
-            epoch,
-            self.hparams.teacher_temp,
-            self.hparams.warmup_teacher_temp,
-            self.hparams.warmup_teacher_temp_epochs,
+            epoch, hp.teacher_temp, hp.warmup_teacher_temp, hp.warmup_teacher_temp_epochs
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -314,6 +334,8 @@ class DINO(StudentOptimization, pl.LightningModule):
         self.clip_student_gradients(optimizer)
         if self.current_epoch < self.hparams.freeze_last_layer:
             drop_gradients(self.student.head.last_layer)
+            if hasattr(self.student, "patch_head"):
+                drop_gradients(self.student.patch_head.last_layer)
         if self.global_step < self.hparams.freeze_backbone_steps:
             drop_gradients(self.student.backbone)
         self.loss.update_center()
@@ -338,7 +360,7 @@ class DINO(StudentOptimization, pl.LightningModule):
         if self._check_next_batch:  # a run's first batch, whatever data module produced it
             self.crop_sizes = check_first_batch(self, crops)
             self._check_next_batch = False
-        temp = self.teacher_temp(self.current_epoch)
+        temp = self.teacher_temp(self.current_epoch, self.global_step)
         terms = [term for term in self.terms if term.active(self.global_step)]
         masker = next((t for t in terms if MASKS in t.needs), None)
         outputs = forward_step(

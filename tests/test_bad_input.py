@@ -84,6 +84,29 @@ def test_bad_values_name_the_key_through_the_cli(no_data_reads, tmp_path, monkey
         main(["fit", "--config", str(CONF / "tiny_vit.yaml"), *args])
 
 
+def test_koleo_with_one_image_per_device_names_both_flags_before_training(no_data_reads, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--model.koleo_loss_weight=0.1 needs at least 2 images per device.*"
+                                         r"--data.batch_size=1"):
+        main(["fit", "--config", str(CONF / "tiny_vit.yaml"), "--model.koleo_loss_weight=0.1", "--data.batch_size=1"])
+    # Batches of another data module: checked on the first batch, before its step.
+    model = DINO(**TINY_VIT, koleo_loss_weight=0.1)
+    with pytest.raises(ValueError, match=r"DINO\(koleo_loss_weight=0.1\) needs at least 2 images per device"):
+        make_trainer(max_steps=1).fit(model, CropData(batch_size=1, n=4))
+
+
+def test_ibot_with_a_resnet_names_the_flag(no_data_reads, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--model.ibot_loss_weight needs a timm ViT backbone.*not ResNet"):
+        main(["fit", "--config", str(CONF / "tiny_resnet.yaml"), "--model.ibot_loss_weight=1"])
+
+
+def test_gram_start_step_past_the_run_warns():
+    model = DINO(**TINY_VIT, warmup_epochs=0, freeze_last_layer=0, gram_loss_weight=1.0, gram_start_step=5)
+    with pytest.warns(UserWarning, match=r"DINO\(gram_start_step=5\) is at or past the run's last step \(2 steps\)"):
+        make_trainer(max_epochs=1, limit_train_batches=2).fit(model, CropData(batch_size=4, n=8))
+
+
 def test_schedules_longer_than_the_run_warn():
     model = DINO(**TINY_VIT, warmup_epochs=10, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
     with pytest.warns(UserWarning) as record:

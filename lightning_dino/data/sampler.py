@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_dino.naming import setting
+from lightning_dino.seeding import rank_seed
 
 _STATE_VERSION = 1
 
@@ -162,7 +163,9 @@ class ResumableDataLoader(DataLoader):
     The underlying iterator is created at the first ``next()``, after Lightning's ``set_epoch``
     (Lightning calls ``iter()`` on a resumed run before ``set_epoch``, which would otherwise make
     worker processes prefetch the wrong epoch). Worker seeds come from the loader's own
-    ``generator`` reseeded per epoch, so iterating does not consume the global random state.
+    ``generator`` reseeded per epoch from (seed, epoch, global rank)
+    (:func:`~lightning_dino.seeding.rank_seed`), so ranks draw different augmentations and
+    iterating does not consume the global random state.
 
     Args:
         dataset: Map-style dataset.
@@ -192,7 +195,8 @@ class ResumableDataLoader(DataLoader):
     def _underlying_iterator(self) -> Iterator[Any]:
         self._batches = 0
         if isinstance(self.sampler, EpochSampler):
-            self.generator.manual_seed(self.sampler.seed + self.sampler.epoch)
+            seed = rank_seed(self.sampler.seed + self.sampler.epoch, self.sampler.rank)
+            self.generator.manual_seed(seed)
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:

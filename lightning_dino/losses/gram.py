@@ -10,7 +10,7 @@ facebookresearch/dinov3 ``dinov3/loss/gram_loss.py``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,21 +27,21 @@ class GramLoss(nn.Module):
     """Mean squared error between the patch Gram matrices of the student and the Gram teacher.
 
     Each image's patch features are L2-normalised and their pairwise cosine similarities
-    ``X X^T`` (N, N) compared; negative similarities are set to 0 first (in both matrices by
-    default, or only where the teacher's is negative). Computed in fp32.
+    ``X X^T`` (N, N) compared. Computed in fp32.
 
     Args:
-        remove_negatives: ``"both"`` (DINOv3's default), ``"teacher"`` (zero both where the
-            teacher's similarity is negative) or ``"none"``.
+        remove_negatives: Set negative similarities to 0 in both matrices first (the default of
+            DINOv3's ``GramLoss`` class). False (the default here) keeps them: both shipped
+            DINOv3 training configs set ``remove_neg: false``, anchoring dissimilar patches too.
 
     Examples:
         >>> loss = GramLoss()(torch.randn(2, 16, 8), torch.randn(2, 16, 8))
     """
 
-    def __init__(self, remove_negatives: Literal["both", "teacher", "none"] = "both") -> None:
+    def __init__(self, remove_negatives: bool = False) -> None:
         super().__init__()
-        if remove_negatives not in ("both", "teacher", "none"):
-            raise ValueError(f"remove_negatives: both, teacher or none, not {remove_negatives!r}")
+        if not isinstance(remove_negatives, bool):
+            raise ValueError(f"remove_negatives must be True or False, not {remove_negatives!r}")
         self.remove_negatives = remove_negatives
 
     def forward(self, student_patches: Tensor, teacher_patches: Tensor) -> Tensor:
@@ -63,12 +63,8 @@ class GramLoss(nn.Module):
             s = F.normalize(student_patches.float(), dim=-1)
             t = F.normalize(teacher_patches.detach().float(), dim=-1)
             student_sim, teacher_sim = s @ s.transpose(1, 2), t @ t.transpose(1, 2)
-            if self.remove_negatives == "both":
+            if self.remove_negatives:
                 student_sim, teacher_sim = student_sim.clamp(min=0), teacher_sim.clamp(min=0)
-            elif self.remove_negatives == "teacher":
-                negative = teacher_sim < 0
-                student_sim = student_sim.masked_fill(negative, 0.0)
-                teacher_sim = teacher_sim.masked_fill(negative, 0.0)
             return F.mse_loss(student_sim, teacher_sim)
 
 
@@ -76,15 +72,21 @@ class GramTerm(LossTerm):
     """DINOv3's Gram anchoring term of :class:`~lightning_dino.DINO`.
 
     The Gram teacher is a frozen snapshot of the EMA teacher's backbone, taken at
-    ``start_step`` and refreshed every ``update_every`` steps after it; from ``start_step`` on,
-    :class:`GramLoss` holds the student's patch similarities of the global crops close to the
-    Gram teacher's on the same crops.
+    ``start_step`` and refreshed every ``update_every`` steps after it (at most ``max_updates``
+    times); from ``start_step`` on, :class:`GramLoss` holds the student's patch similarities of
+    the global crops close to the Gram teacher's. With ``image_size`` the Gram teacher sees the
+    global crops resized to that size and its patch features are resized back to the student's
+    patch grid, as DINOv3 gives its Gram teacher higher-resolution crops.
 
     Args:
         weight: The term's weight.
         teacher_backbone: The EMA teacher's backbone (a timm ViT); copied, not shared.
         start_step: Optimizer step at which the snapshot is taken and the term starts.
         update_every: Steps between refreshes after the start; 0 keeps the first snapshot.
+        max_updates: At most this many refreshes after the first snapshot; 0 = no limit.
+        remove_negatives: See :class:`GramLoss`.
+        image_size: Side of the Gram teacher's input (bicubic resize of the global crops); 0
+            feeds it the student's global crops as they are.
 
     Raises:
         ValueError: If the backbone is not a ViT (no patch tokens).
@@ -94,7 +96,14 @@ class GramTerm(LossTerm):
     needs = frozenset({TOKENS})
 
     def __init__(
-        self, weight: float, teacher_backbone: nn.Module, start_step: int = 0, update_every: int = 0
+        self,
+        weight: float,
+        teacher_backbone: nn.Module,
+        start_step: int = 0,
+        update_every: int = 0,
+        max_updates: int = 0,
+        remove_negatives: bool = False,
+        image_size: int = 0,
     ) -> None:
         super().__init__(weight)
         if not is_vit(teacher_backbone):
@@ -102,9 +111,11 @@ class GramTerm(LossTerm):
                 f"{setting('model', 'gram_loss_weight')} needs a ViT backbone (patch tokens)"
             )
         self.teacher = copy.deepcopy(teacher_backbone).requires_grad_(False)
-        self.loss = GramLoss()
+        self.loss = GramLoss(remove_negatives)
         self.start_step = start_step
         self.update_every = update_every
+        self.max_updates = max_updates
+        self.image_size = image_size
 
     @classmethod
     def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> GramTerm | None:
@@ -116,21 +127,62 @@ class GramTerm(LossTerm):
             teacher.backbone,
             hparams.gram_start_step,
             hparams.gram_update_every,
+            hparams.gram_max_updates,
+            hparams.gram_remove_negatives,
+            hparams.gram_image_size,
         )
 
     def active(self, step: int) -> bool:
         """From ``start_step`` on."""
         return step >= self.start_step
 
+    def snapshot_due(self, step: int) -> bool:
+        """Whether the Gram teacher is taken (or refreshed) before optimizer step ``step``."""
+        since = step - self.start_step
+        if since == 0:
+            return True
+        every = self.update_every
+        if every <= 0 or since < 0 or since % every:
+            return False
+        return self.max_updates <= 0 or since // every <= self.max_updates
+
     def before_batch(self, step: int, teacher: MultiCropNetwork) -> None:
         """Take a new snapshot of the EMA teacher's backbone when one is due."""
-        since = step - self.start_step
-        every = self.update_every
-        if since == 0 or (every > 0 and since > 0 and since % every == 0):
+        if self.snapshot_due(step):
             self.teacher.load_state_dict(teacher.backbone.state_dict())
 
     def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:
         """Gram loss of the student's global patch tokens against the Gram teacher's."""
+        images = torch.cat(outputs.crops[: outputs.n_global])
+        grid = self.teacher.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        if self.image_size:
+            size = (self.image_size, self.image_size)
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
         with torch.no_grad():
-            anchors = vit_tokens(self.teacher, torch.cat(outputs.crops[: outputs.n_global]))
-        return self.loss(outputs.patch_tokens, anchors[:, self.teacher.num_prefix_tokens :])
+            anchors = vit_tokens(self.teacher, images)[:, self.teacher.num_prefix_tokens :]
+            if self.image_size:
+                anchors = resize_patch_grid(anchors, images.shape[-2:], self.teacher, grid)
+        return self.loss(outputs.patch_tokens, anchors)
+
+
+def resize_patch_grid(
+    tokens: Tensor, image_size: Any, vit: nn.Module, grid: tuple[int, int]
+) -> Tensor:
+    """Resize a ViT's patch tokens to another patch grid (bilinear, antialiased).
+
+    Args:
+        tokens: Patch tokens (B, N, D) of images of ``image_size`` (H, W).
+        image_size: The images' (H, W).
+        vit: The timm ViT that made them (its patch grid for ``image_size``).
+        grid: The (rows, columns) to resize to.
+
+    Returns:
+        Tokens (B, rows * columns, D).
+    """
+    rows, columns = vit.patch_embed.dynamic_feat_size(tuple(image_size))
+    batch, _, dim = tokens.shape
+    if (rows, columns) == tuple(grid):
+        return tokens
+    maps = tokens.transpose(1, 2).reshape(batch, dim, rows, columns)
+    maps = F.interpolate(maps.float(), size=tuple(grid), mode="bilinear", antialias=True)
+    return maps.flatten(2).transpose(1, 2).to(tokens.dtype)

@@ -156,7 +156,7 @@ class iBOTTerm(LossTerm):
             return None
         return cls(
             hparams.ibot_loss_weight,
-            hparams.out_dim,
+            (hparams.ibot_separate_head and hparams.ibot_out_dim) or hparams.out_dim,
             hparams.student_temp,
             hparams.center_momentum,
             hparams.centering,

@@ -20,8 +20,9 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
 
     ``Q = exp(logits / teacher_temp)``, transposed to (K, N) and normalised to sum 1; then
     ``n_iterations`` times: every prototype's row is scaled to total 1/K, then every sample's
-    column to total 1/N. Returned as (N, K) with rows summing to 1. Under DDP the total and the
-    per-prototype sums are all-reduced, so N counts every rank's rows, as in DINOv2.
+    column to total 1/N. Returned as (N, K) with rows summing to 1. Under DDP the row count, the
+    total and the per-prototype sums are all-reduced, so N counts every rank's rows even when
+    ranks hold different numbers of rows (masked patches), as in DINOv2.
 
     The logits are shifted by their (all-reduced) maximum before ``exp`` (a constant factor the
     first normalisation removes) and the iterations run in float64: the result is DINOv2's to
@@ -38,12 +39,16 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     """
     with full_precision(teacher_logits.device):
         logits = teacher_logits.detach().double()
-        world_size = dist.get_world_size() if _distributed() else 1
-        top = logits.max()
+        # Every rank's row count (ranks may hold different numbers of masked patches) and the
+        # largest logit, all-reduced; a rank without rows still joins every collective.
+        top = logits.max() if logits.numel() else torch.tensor(-torch.inf, dtype=logits.dtype)
+        n_rows_tensor = torch.tensor(float(logits.shape[0]), dtype=logits.dtype)
+        top, n_rows_tensor = top.to(logits.device), n_rows_tensor.to(logits.device)
         if _distributed():
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            dist.all_reduce(n_rows_tensor)
         q = torch.exp((logits - top) / teacher_temp).T  # (K, N)
-        n_rows = q.shape[1] * world_size
+        n_rows = float(n_rows_tensor)
         n_prototypes = q.shape[0]
         total = q.sum()
         if _distributed():

@@ -183,7 +183,12 @@ def feature_width(vit: nn.Module) -> int:
     """Width of a ViT's tokens (``embed_dim``), as opposed to its pooled feature dimension."""
     width = getattr(vit, "embed_dim", None)
     if not isinstance(width, int):
-        raise ValueError("iBOT needs a timm ViT backbone (with patch tokens and embed_dim)")
+        raise ValueError(
+            f"{setting('model', 'ibot_loss_weight')} needs a timm ViT backbone (patch tokens and "
+            f"an embed_dim), not {type(vit).__name__}; use a ViT such as "
+            f"{setting('model', 'backbone', 'vit_small_patch16_224')} or "
+            f"{setting('model', 'ibot_loss_weight', 0)}"
+        )
     return width
 
 
@@ -233,12 +238,23 @@ class MultiCropNetwork(nn.Module):
     Args:
         backbone: Feature extractor mapping (B, C, H, W) to (B, D).
         head: The projection head.
+        mask_token: Learn an iBOT mask token.
+        patch_head: A separate head for the iBOT patch tokens (DINOv2's ``separate_head``);
+            None projects them with ``head``.
     """
 
-    def __init__(self, backbone: nn.Module, head: DINOHead, mask_token: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: DINOHead,
+        mask_token: bool = False,
+        patch_head: DINOHead | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        if patch_head is not None:
+            self.patch_head = patch_head
         if mask_token:  # iBOT: replaces the student's masked patch embeddings (zeros, as DINOv2)
             self.mask_token = nn.Parameter(torch.zeros(1, feature_width(backbone)))
 
@@ -300,9 +316,13 @@ class MultiCropNetwork(nn.Module):
         features = vit.forward_head(tokens, pre_logits=True)
         patch_tokens = tokens[:, vit.num_prefix_tokens :]
         patches = patch_tokens[masks]  # (M, D)
-        head_out = self.head(torch.cat([features, patches]))
-        logits = head_out[: len(features)].reshape(n_global, batch, -1)
-        patch_logits = head_out[len(features) :]
+        if hasattr(self, "patch_head"):
+            logits = self.head(features).reshape(n_global, batch, -1)
+            patch_logits = self.patch_head(patches)
+        else:
+            head_out = self.head(torch.cat([features, patches]))
+            logits = head_out[: len(features)].reshape(n_global, batch, -1)
+            patch_logits = head_out[len(features) :]
         features = features.reshape(n_global, batch, -1)
         if len(crops) > n_global:
             local_logits, local_features = self.forward_with_features(crops[n_global:])
@@ -355,6 +375,7 @@ def build_student_teacher(
     mask_token: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    patch_head_kwargs: dict[str, Any] | None = None,
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -373,6 +394,8 @@ def build_student_teacher(
             token-wide, so that the head takes class and patch tokens alike).
         channels_last: Keep convolutional backbones' weights channels-last (ViTs are left).
         compile: ``torch.compile`` both backbones in place (checkpoint keys do not change).
+        patch_head_kwargs: Give both networks a separate :class:`DINOHead` for the iBOT patch
+            tokens, with these arguments (except ``in_dim``); None: one head for both.
 
     Returns:
         ``(student, teacher)``.
@@ -400,16 +423,22 @@ def build_student_teacher(
             f"{setting('model', 'feature_grid', 0)}), so that one head takes "
             "class and patch tokens"
         )
-    student = MultiCropNetwork(student_backbone, DINOHead(in_dim, **head_kwargs), mask_token)
-    teacher_head_kwargs = {**head_kwargs, "norm_last_layer": True}
-    teacher = MultiCropNetwork(
-        teacher_backbone, DINOHead(in_dim, **teacher_head_kwargs), mask_token
-    )
+    def network(backbone: nn.Module, frozen_norm: bool) -> MultiCropNetwork:
+        # The teacher's heads are built with the default (frozen) norm; the EMA sets their values.
+        extra = {"norm_last_layer": True} if frozen_norm else {}
+        head = DINOHead(in_dim, **{**head_kwargs, **extra})
+        patch_head = None
+        if patch_head_kwargs is not None:
+            patch_head = DINOHead(in_dim, **{**patch_head_kwargs, **extra})
+        return MultiCropNetwork(backbone, head, mask_token, patch_head)
+
+    student = network(student_backbone, frozen_norm=False)
+    teacher = network(teacher_backbone, frozen_norm=True)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    for network in (student, teacher):
-        if channels_last and not is_vit(network.backbone):
-            network.backbone.to(memory_format=torch.channels_last)
+    for built in (student, teacher):
+        if channels_last and not is_vit(built.backbone):
+            built.backbone.to(memory_format=torch.channels_last)
         if compile:
-            network.backbone.compile(dynamic=False)
+            built.backbone.compile(dynamic=False)
     return student, teacher

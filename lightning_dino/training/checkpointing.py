@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_dino.naming import setting
+from lightning_dino.seeding import seed_this_rank
 from lightning_dino.training.preemption import StopSignals, TrainingInterrupted
 
 _TEMPORARY_SUFFIX = ".partial"
@@ -217,10 +218,13 @@ class DINOCheckpoint(ModelCheckpoint):
 
 
 class RandomStateCallback(Callback):
-    """Save every process's random states in checkpoints and restore them on resume.
+    """Give every process its own random streams; save and restore them in checkpoints.
 
-    Stores the torch (CPU and CUDA), Python ``random`` and NumPy generator states of each rank
-    (gathered to rank 0, which writes the checkpoint), as tensors and tuples that
+    At the start of ``fit`` each rank but rank 0 reseeds its generators from the run's seed
+    and its global rank (:func:`~lightning_dino.seeding.seed_this_rank`), so ranks draw different
+    crops, jitter, iBOT masks and stochastic depth even after ``seed_everything`` seeded them
+    alike. Stores the torch (CPU and CUDA), Python ``random`` and NumPy generator states of each
+    rank (gathered to rank 0, which writes the checkpoint), as tensors and tuples that
     ``torch.load(weights_only=True)`` accepts. A resumed run sets them back in
     ``on_train_start``, after Lightning has built the data iterator and just before the first
     batch is drawn, which is where the interrupted run stood when it saved. With
@@ -243,6 +247,10 @@ class RandomStateCallback(Callback):
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         return {"ranks": gathered}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed this rank's generators from (seed, rank); a resumed run restores them later."""
+        seed_this_rank(trainer.global_rank)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved states until training starts."""

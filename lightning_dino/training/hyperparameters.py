@@ -33,6 +33,10 @@ def validate_hyperparameters(hparams: Any) -> None:
         (hparams.gram_loss_weight >= 0, "gram_loss_weight", "use 0 (off) or a weight"),
         (hparams.gram_start_step >= 0, "gram_start_step", "use a step >= 0"),
         (hparams.gram_update_every >= 0, "gram_update_every", "use 0 (never) or a step count"),
+        (hparams.gram_max_updates >= 0, "gram_max_updates", "use 0 (no limit) or a count"),
+        (hparams.gram_image_size >= 0, "gram_image_size", "use 0 (the crops) or a side"),
+        (hparams.ibot_out_dim == 0 or hparams.ibot_out_dim >= 2, "ibot_out_dim", "use 0 or >= 2"),
+        (hparams.ibot_bottleneck_dim >= 0, "ibot_bottleneck_dim", "use 0 or a width"),
         (
             0 < hparams.ibot_mask_ratio[0] <= hparams.ibot_mask_ratio[1] < 1,
             "ibot_mask_ratio",

@@ -46,6 +46,7 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
             _check_crop_size(model.student.backbone, setting("data", key, size), size)
     batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
     _check_batch_norm(model.student, batch_size, trainer)
+    _check_koleo_batch(model, batch_size)
 
 
 def schedule_warnings(model: pl.LightningModule) -> list[str]:
@@ -83,6 +84,13 @@ def schedule_warnings(model: pl.LightningModule) -> list[str]:
             f"{setting('model', 'freeze_last_layer', hp.freeze_last_layer)} covers the whole "
             f"run ({epochs} epoch(s)): the head's last layer never trains; use 0 for such a "
             "short run"
+        )
+    gram_start = hp.get("gram_start_step", 0)
+    if hp.get("gram_loss_weight", 0) > 0 and gram_start >= total:
+        messages.append(
+            f"{setting('model', 'gram_start_step', gram_start)} is at or past the run's last "
+            f"step ({total} steps): the run trains without Gram anchoring; start it earlier or "
+            "train longer"
         )
     return messages
 
@@ -165,6 +173,18 @@ def _check_batch_norm(student: nn.Module, batch_size: int | None, trainer: pl.Tr
     )
 
 
+def _check_koleo_batch(model: pl.LightningModule, batch_size: int | None) -> None:
+    """KoLeo pairs each image with its nearest neighbour on the same device: it needs two."""
+    weight = model.hparams.get("koleo_loss_weight", 0)
+    if batch_size is None or batch_size > 1 or weight <= 0:
+        return
+    raise ValueError(
+        f"{setting('model', 'koleo_loss_weight', weight)} needs at least 2 images per device "
+        f"(each image's nearest neighbour in the batch), but {setting('data', 'batch_size', 1)}; "
+        f"use {setting('data', 'batch_size')} >= 2 or {setting('model', 'koleo_loss_weight', 0)}"
+    )
+
+
 BATCH_FORMATS = (
     "a list of crops [global_1, global_2, local_1, ...], each a (B, C, H, W) tensor, globals "
     "first; a tuple/list (crops, labels); or a dict with the crops under 'crops'"
@@ -223,6 +243,7 @@ def check_first_batch(
     batch_sizes = {c.shape[0] for c in crops}
     if len(batch_sizes) > 1:
         raise ValueError(f"the crops of one batch have different batch sizes {sorted(batch_sizes)}")
+    _check_koleo_batch(model, crops[0].shape[0])
     device = next(model.student.backbone.parameters()).device
     for height, width in sorted(sizes):
         _check_crop_size(

@@ -32,6 +32,9 @@ STRUCTURAL_KEYS = (
     "n_head_layers",
     "use_bn_in_head",
     "norm_last_layer",
+    "ibot_separate_head",
+    "ibot_out_dim",
+    "ibot_bottleneck_dim",
 )
 
 
@@ -186,6 +189,14 @@ def check_resume(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None
         )
     if module._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
         return
+    gram_0_1 = saved.get("gram_loss_weight", 0) > 0 and "gram_remove_negatives" not in saved
+    if gram_0_1 and not module.hparams.get("gram_remove_negatives", True):
+        rank_zero_warn(
+            "this checkpoint was trained with Gram anchoring by lightning_dino 0.1, which zeroed "
+            "negative patch similarities; this run anchors them (today's default, as DINOv3's "
+            f"configs); pass {setting('model', 'gram_remove_negatives', True)} to continue as "
+            "it was trained"
+        )
     path = str(module.trainer.ckpt_path)
     changes = hyperparameter_changes(saved, module.hparams)
     message = structural_change_message(changes, path)

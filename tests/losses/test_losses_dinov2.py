@@ -81,6 +81,19 @@ def test_sinkhorn_knopp_over_two_ranks_equals_one_process_on_all_rows(tmp_path):
     torch.testing.assert_close(torch.cat(results), whole, rtol=1e-5, atol=1e-7)
 
 
+def _sinkhorn_uneven(rank):
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
+    return sinkhorn_knopp(logits[:11] if rank == 0 else logits[11:], teacher_temp=0.3)
+
+
+def test_sinkhorn_knopp_over_ranks_with_different_row_counts(tmp_path):
+    """iBOT's masked patches differ in number per rank: 11 rows on one, 5 on the other."""
+    results = run_on_gloo(_sinkhorn_uneven, tmp_path)
+    assert [len(r) for r in results] == [11, 5]
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(torch.cat(results).double(), sinkhorn_float64(logits, 0.3), rtol=1e-5, atol=1e-7)
+
+
 def ibot_per_image_loop(student, teacher, masks, temp=0.1):
     """-(1/B) sum_b mean over b's masked patches of sum_k t log softmax(s / temp), in float64."""
     total, row = 0.0, 0

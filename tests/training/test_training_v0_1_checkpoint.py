@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lightning_dino import DINO, export_backbone, load_backbone
+from lightning_dino.training.resume import check_resume
+from tests.conftest import make_trainer
 from tests.training.test_training_resume import CONF, dump, finish, start
 
 FIXTURES = CONF.parent / "fixtures"
@@ -23,6 +25,8 @@ RUN = [
     "--model.koleo_loss_weight=0.1", "--model.gram_loss_weight=1.0", "--model.gram_start_step=2",
     "--model.gram_update_every=4",
 ]
+# 0.1 zeroed negative Gram similarities; today's default anchors them (DINOv3's configs).
+AS_TRAINED = ["--model.gram_remove_negatives=true"]
 
 
 def test_loads_with_every_weight_and_centre_under_its_new_name():
@@ -38,12 +42,19 @@ def test_loads_with_every_weight_and_centre_under_its_new_name():
     assert [term.name for term in model.terms] == ["koleo", "ibot", "gram"]
 
 
+def test_resuming_a_0_1_gram_run_warns_that_negatives_are_now_anchored():
+    model = DINO.load_from_checkpoint(CHECKPOINT)
+    model.trainer = make_trainer()
+    with pytest.warns(UserWarning, match=r"zeroed negative patch similarities.*gram_remove_negatives=True"):
+        check_resume(model, torch.load(CHECKPOINT, weights_only=True))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resumes_to_the_end_of_the_uninterrupted_0_1_run(tmp_path):
     checkpoint = tmp_path / "v0_1.ckpt"
     shutil.copy(CHECKPOINT, checkpoint)
-    finish(start([*RUN, *dump(tmp_path / "out"), "--ckpt_path", str(checkpoint)], cwd=tmp_path))
+    finish(start([*RUN, *AS_TRAINED, *dump(tmp_path / "out"), "--ckpt_path", str(checkpoint)], cwd=tmp_path))
     got = torch.load(tmp_path / "out" / "rank0.pt", weights_only=True)
     want = torch.load(FINAL, weights_only=True)
     assert got["global_step"] == want["global_step"] == 12
