@@ -1,8 +1,12 @@
 """Streaming datasets: `lightning-dino prepare` and `--data.dataset streaming` (LitData), sharding over
-gloo ranks and workers, and resume after SIGKILL with the images not yet seen."""
+gloo ranks and workers, resume after SIGKILL with the images not yet seen, and damaged chunks named
+with the fix."""
 
 import multiprocessing
 import os
+import re
+import shutil
+import struct
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -19,6 +23,7 @@ from lightning_dino.cli import _with_bare_flags_true, main
 from lightning_dino.data import MultiCropDataModule, StreamingImages, decode_image, load_image
 from lightning_dino.data.streaming import PreparedDataset, split_dir
 from lightning_dino.io.prepare import file_problem, plan_splits, scan_layout
+from lightning_dino.naming import cli_flags
 from tests.conftest import run_on_gloo
 
 ROOT = Path(__file__).parents[2]
@@ -173,6 +178,67 @@ def test_streaming_knn_splits_mirror_the_folder_ones(identity_data, mixed_folder
     # The same labelled train images, the same held-out images (same pixels), the same classes.
     assert sorted(kinds["folder"][0]) == sorted(kinds["streaming"][0])
     assert kinds["folder"][1:] == kinds["streaming"][1:]
+
+
+def _damage(data_dir: Path, how: str) -> Path:
+    """Damage data_dir/train/chunk-0-0.bin (6 items, header of 4 * 8 bytes) as a disk or a copy may."""
+    chunk = data_dir / "train" / "chunk-0-0.bin"
+    data = bytearray(chunk.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "missing":
+        chunk.unlink()
+        return chunk
+    elif how == "zeroed header":
+        data[:32] = bytes(32)
+    elif how == "zeroed items":  # same size, header intact: only reading the items shows it
+        data[32:] = bytes(len(data) - 32)
+    elif how == "zeroed image":  # the middle of item 1's image bytes (its item header intact)
+        begin, end = struct.unpack_from("<2I", data, 8)
+        middle = (begin + end) // 2
+        data[middle - 100 : middle + 100] = bytes(200)
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "zeroed header"])
+def test_a_truncated_or_zeroed_chunk_stops_setup_naming_it_and_the_prepare_command(identity_data, tmp_path, how):
+    data_dir = tmp_path / "prepared"
+    shutil.copytree(identity_data / "prepared", data_dir)
+    chunk = _damage(data_dir, how)
+    # Before any loader worker starts, instead of LitData's struct.error or "Timed out after 2s waiting".
+    data = MultiCropDataModule("streaming", str(data_dir), batch_size=3, num_workers=0, **CROPS)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(chunk))} is damaged: .*") as raised:
+        data.setup()
+        next(iter(data.train_dataloader()))
+    assert type(raised.value).__name__ == "CorruptDatasetError"
+    message = str(raised.value)
+    source = str(identity_data / "images")
+    assert f"prepare_streaming_dataset({source!r}, {str(data_dir)!r}, overwrite=True)" in message
+    assert {"truncated": "(truncated?)", "missing": "missing", "zeroed header": "counts 0 items"}[how] in message
+    with cli_flags(), pytest.raises(ValueError, match=re.escape(
+            f"prepare the folder again: `lightning-dino prepare --data_dir {source} --out {data_dir} --overwrite`")):
+        PreparedDataset.open(str(data_dir))
+
+
+@pytest.mark.parametrize("how", ["zeroed items", "zeroed image"])
+def test_damage_inside_a_chunks_items_names_the_chunk_when_read(identity_data, tmp_path, how):
+    data_dir = tmp_path / "prepared"
+    shutil.copytree(identity_data / "prepared", data_dir)
+    chunk = _damage(data_dir, how)
+    data = MultiCropDataModule("streaming", str(data_dir), batch_size=3, num_workers=0, **CROPS)
+    data.setup()  # the size and the header match index.json
+    source = str(identity_data / "images")
+    expected = (rf"{re.escape(str(chunk))} is damaged: item \d+ of {re.escape(str(data_dir / 'train'))} cannot be "
+                rf"read \((struct\.error|OSError): .*\); prepare the folder again: "
+                + re.escape(f"`prepare_streaming_dataset({source!r}, {str(data_dir)!r}, overwrite=True)`"))
+    with pytest.raises(ValueError, match=expected):  # instead of struct.error from inside LitData
+        list(data.knn_train_dataloader())
+    if how == "zeroed items":  # the training stream, read in a loader worker
+        data = MultiCropDataModule("streaming", str(data_dir), batch_size=3, num_workers=1, **CROPS)
+        data.setup()
+        with pytest.raises(ValueError, match=expected):
+            list(data.train_dataloader())
 
 
 def _epoch_labels(data_dir: str, rank: int) -> list[list[int]]:
