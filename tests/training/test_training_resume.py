@@ -229,3 +229,31 @@ def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path,
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2  # both ranks finished step 2 and saved it together
     assert len(last["callbacks"]["RandomStateCallback"]["ranks"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_rank_resume_with_device_augmentation_and_ibot_masks_is_exact(tmp_path, monkeypatch):
+    """Crops made on the device and iBOT masks come from each rank's own stream, which the
+    checkpoint saves and restores: a 2-rank run stopped by SIGTERM and resumed ends, on each rank,
+    exactly where the uninterrupted run ends, and the two ranks drew different crops."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    # 32 images, 2 ranks x batch 4: 4 steps per epoch, 12 in all.
+    ddp = [*RUN, "--data.synthetic_size=32", "--trainer.strategy=ddp", "--trainer.devices=2",
+           "--data.augmentation=device", "--model.ibot_loss_weight=1.0"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight.mkdir(), stopped.mkdir()
+    finish(start([*ddp, *dump(straight / "out")], cwd=straight))
+    finish(start([*ddp, *probe("SignalAtStep", step=5)], cwd=stopped), returncode=143)
+    finish(start([*ddp, *dump(stopped / "out"), "--ckpt_path", "last"], cwd=stopped))
+    for rank in (0, 1):
+        want = torch.load(straight / "out" / f"rank{rank}.pt", weights_only=True)
+        got = torch.load(stopped / "out" / f"rank{rank}.pt", weights_only=True)
+        assert got["world_size"] == 2
+        assert_resumed_run_equals(got, want, first_step=7, checkpoint=checkpoints_of(stopped) / "last.ckpt")
+    rows = [torch.load(straight / "out" / f"rank{r}.pt", weights_only=True)["rows"] for r in (0, 1)]
+    assert not torch.equal(rows[0][0]["crop_sums"], rows[1][0]["crop_sums"])
