@@ -58,6 +58,16 @@ def checkpoints_of(run_dir, version=0):
     return run_dir / "runs" / "dino" / f"version_{version}" / "checkpoints"
 
 
+@pytest.fixture
+def local_master(monkeypatch):
+    """A free local port for the rendezvous of a 2-process DDP run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The reference: the whole 12-step run, its per-step rows and final state (and its epoch files)."""
@@ -215,12 +225,7 @@ def test_checkpoint_replace_is_atomic_and_keeps_the_old_file_until_the_new_one_i
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path, local_master):
     # 32 images, 2 ranks x batch 4: 4 steps per epoch. Only rank 1 gets SIGTERM, during step 2.
     ddp = [*RUN, "--data.synthetic_size=32", "--trainer.strategy=ddp", "--trainer.devices=2",
            "--checkpoint.dirpath=checkpoints", "--trainer.logger=false"]
@@ -233,15 +238,10 @@ def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_rank_resume_with_device_augmentation_and_ibot_masks_is_exact(tmp_path, monkeypatch):
+def test_two_rank_resume_with_device_augmentation_and_ibot_masks_is_exact(tmp_path, local_master):
     """Crops made on the device and iBOT masks come from each rank's own stream, which the
     checkpoint saves and restores: a 2-rank run stopped by SIGTERM and resumed ends, on each rank,
     exactly where the uninterrupted run ends, and the two ranks drew different crops."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
     # 32 images, 2 ranks x batch 4: 4 steps per epoch, 12 in all.
     ddp = [*RUN, "--data.synthetic_size=32", "--trainer.strategy=ddp", "--trainer.devices=2",
            "--data.augmentation=device", "--model.ibot_loss_weight=1.0"]
