@@ -23,6 +23,7 @@ from lightning_dino.data import MultiCropDataModule
 from lightning_dino.dino import DINO
 from lightning_dino.io.export import UnreadableCheckpointError, read_checkpoint
 from lightning_dino.naming import cli_flags
+from lightning_dino.recipes import resolve_config_args
 from lightning_dino.training.checkpointing import DINOCheckpoint
 from lightning_dino.training.resume import (
     ResumeError,
@@ -38,6 +39,7 @@ TOOLS: dict[str, str] = {
         for name in ("export", "embed", "knn", "probe", "attention")
     },
     "prepare": "lightning_dino.io.prepare:prepare_streaming_dataset",
+    "configs": "lightning_dino.recipes:configs",
 }
 
 
@@ -195,9 +197,10 @@ def _overview() -> str:
     return (
         f"lightning-dino {__version__}: DINO self-supervised pre-training.\n\n"
         "Training (LightningCLI; `lightning-dino fit --help` lists every key):\n"
-        "  fit        train: lightning-dino fit --config configs/quickstart.yaml\n"
+        "  fit        train: lightning-dino fit --config quickstart (a recipe name, or a file)\n"
         "  (evaluation: the knn and probe tools; DINO has no validation loop)\n\n"
-        f"Tools (`lightning-dino TOOL --help`):\n{tools}\n"
+        f"Tools (`lightning-dino TOOL --help`):\n{tools}\n\n"
+        "lightning-dino --version prints the version.\n"
     )
 
 
@@ -207,7 +210,10 @@ def main(args: ArgsType = None) -> None:
     Args:
         args: Command-line arguments without the program name; None reads ``sys.argv``.
     """
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
+    if argv in (["--version"], ["-V"]):
+        print(f"lightning-dino {__version__}")
+        return
     if argv and argv[0] in TOOLS:
         run_tool(argv[0], argv[1:])
         return
@@ -215,7 +221,9 @@ def main(args: ArgsType = None) -> None:
         print(_overview())
         if not argv:
             return
+    if args is None:  # LightningCLI reads sys.argv; give it the recipes' paths
+        sys.argv[1:] = argv
     try:
-        train(args)
+        train(None if args is None else argv)
     except (UnreadableCheckpointError, ResumeError) as error:
         sys.exit(f"lightning-dino: error: {error}")

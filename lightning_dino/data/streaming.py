@@ -25,15 +25,19 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from litdata import StreamingDataLoader, StreamingDataset
-from litdata.streaming.downloader import get_downloader
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
 from lightning_dino.data.datasets import load_image
 from lightning_dino.naming import setting, using_cli
+from lightning_dino.optional import require
+
+if TYPE_CHECKING:
+    from litdata import StreamingDataLoader, StreamingDataset
+
+_PURPOSE = "Streaming datasets (--data.dataset streaming, lightning-dino prepare)"
 
 METADATA_FILENAME = "lightning_dino.json"
 """Name of the file, beside the splits, that holds the classes and the split sizes."""
@@ -104,7 +108,7 @@ class StreamingImages(Dataset):
 
     def __init__(self, input_dir: str, cache_dir: str | None = None) -> None:
         self.input_dir = input_dir
-        self.dataset = StreamingDataset(input_dir, cache_dir=cache_dir)
+        self.dataset = require("litdata", _PURPOSE).StreamingDataset(input_dir, cache_dir=cache_dir)
         self.decode = DecodeSample()
 
     def __len__(self) -> int:
@@ -190,7 +194,7 @@ class PreparedDataset:
             A ``litdata.StreamingDataset`` that drops the tail of an epoch so every rank and
             worker gets whole batches of the same count.
         """
-        return StreamingDataset(
+        return require("litdata", _PURPOSE).StreamingDataset(
             split_dir(self.root, "train"),
             cache_dir=self.cache_dir,
             shuffle=True,
@@ -239,7 +243,7 @@ def streaming_loader(
     Returns:
         The ``litdata.StreamingDataLoader``.
     """
-    return StreamingDataLoader(
+    return require("litdata", _PURPOSE).StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -290,7 +294,8 @@ def _read_metadata(root: str, cache_dir: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=cache_dir) as local_dir:
         local = os.path.join(local_dir, METADATA_FILENAME)
         try:
-            get_downloader(root, local_dir, []).download_file(path, local)
+            downloader = require("litdata.streaming.downloader", _PURPOSE).get_downloader
+            downloader(root, local_dir, []).download_file(path, local)
         except Exception as err:  # each storage client raises its own errors
             raise FileNotFoundError(f"{missing} ({type(err).__name__}: {err})") from err
         with open(local) as file:
