@@ -125,8 +125,8 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
     """Run LightningCLI on :class:`DINO` and :class:`MultiCropDataModule`.
 
     Args:
-        args: Arguments such as ``["fit", "--config", "configs/quickstart.yaml"]``; None reads
-            ``sys.argv``.
+        args: Arguments such as ``["fit", "--config", "quickstart"]`` (a ``--config`` value that
+            is no file but a recipe's name reads the packaged recipe); None reads ``sys.argv``.
         run: Run the subcommand (False only builds model, data module and trainer).
 
     Returns:
@@ -135,6 +135,8 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
     Messages raised while parsing and running name settings as flags (``--model.lr``); what
     runs after ``run=False`` returns names them the Python way (:mod:`lightning_dino.naming`).
     """
+    if isinstance(args, list | tuple):
+        args = resolve_config_args(list(args))
     with cli_flags():
         return DINOCLI(
             DINO,
