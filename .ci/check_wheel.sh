@@ -54,6 +54,16 @@ CKPT=runs/quickstart/checkpoints/last.ckpt
 test -f "$CKPT"
 lightning-dino export --ckpt "$CKPT" --out exports/quickstart
 test -f exports/quickstart/model.safetensors
-printf 'data:\n  dataset: synthetic\n  synthetic_size: 32\n  synthetic_image_size: 32\n  eval_resize: 32\n  batch_size: 16\n  num_workers: 0\n' > tiny.yaml
+cat > tiny.yaml <<'YAML'
+data:
+  dataset: synthetic
+  synthetic_size: 32
+  synthetic_image_size: 32
+  global_crop_size: 32
+  local_crop_size: 16
+  eval_resize: 32
+  batch_size: 16
+  num_workers: 0
+YAML
 lightning-dino knn --ckpt "$CKPT" --config tiny.yaml
 echo "wheel check passed: $WHEEL"
