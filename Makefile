@@ -1,5 +1,6 @@
 # lightning_dino: `make quickstart` trains on Fashion-MNIST and prints the k-NN accuracy;
-# `make test` runs the linter and the test suite. Both create .venv when it is missing.
+# `make test` runs the linter and the test suite; `make docs` builds the documentation site.
+# All create .venv when it is missing.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 QUICKSTART_DIR := runs/quickstart
 
-.PHONY: venv test lint quickstart fashion-mnist clean
+.PHONY: venv test lint docs quickstart fashion-mnist clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +23,15 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest -q
+
+# The documentation site (docs/ and the docstrings) into site/; --strict fails on any warning,
+# such as a reference to a name that no longer exists.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict
 
 # Fashion-MNIST: Debian's package when we are root on Debian (works offline from the package
 # mirror), torchvision's downloader into data/ otherwise.
@@ -40,4 +50,4 @@ quickstart: venv fashion-mnist
 	$(PY) -m lightning_dino knn --config configs/quickstart.yaml --ckpt $(QUICKSTART_DIR)/checkpoints/last.ckpt
 
 clean:
-	rm -rf runs lightning_logs .pytest_cache .ruff_cache
+	rm -rf runs lightning_logs .pytest_cache .ruff_cache site build dist

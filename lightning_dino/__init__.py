@@ -1,7 +1,5 @@
 """lightning_dino: faithful, fast DINO self-supervised pre-training for PyTorch Lightning."""
 
-__version__ = "0.1.0"
-
 from lightning_dino.data import MultiCropDataModule, MultiCropTransform
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
 from lightning_dino.dino import DINO
@@ -28,6 +26,7 @@ from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.training.preemption import TrainingInterrupted
 from lightning_dino.training.schedules import StepScheduler
 from lightning_dino.training.teacher import TeacherEMA, ema_update
+from lightning_dino.version import __version__
 
 __all__ = [
     "DINO",

@@ -23,6 +23,7 @@ from lightning_dino.data import MultiCropDataModule
 from lightning_dino.dino import DINO
 from lightning_dino.io.export import UnreadableCheckpointError, read_checkpoint
 from lightning_dino.naming import cli_flags
+from lightning_dino.recipes import resolve_config_args
 from lightning_dino.training.checkpointing import DINOCheckpoint
 from lightning_dino.training.resume import (
     ResumeError,
@@ -38,6 +39,7 @@ TOOLS: dict[str, str] = {
         for name in ("export", "embed", "knn", "probe", "attention")
     },
     "prepare": "lightning_dino.io.prepare:prepare_streaming_dataset",
+    "configs": "lightning_dino.recipes:configs",
 }
 
 
@@ -123,8 +125,8 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
     """Run LightningCLI on :class:`DINO` and :class:`MultiCropDataModule`.
 
     Args:
-        args: Arguments such as ``["fit", "--config", "configs/quickstart.yaml"]``; None reads
-            ``sys.argv``.
+        args: Arguments such as ``["fit", "--config", "quickstart"]`` (a ``--config`` value that
+            is no file but a recipe's name reads the packaged recipe); None reads ``sys.argv``.
         run: Run the subcommand (False only builds model, data module and trainer).
 
     Returns:
@@ -133,6 +135,8 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
     Messages raised while parsing and running name settings as flags (``--model.lr``); what
     runs after ``run=False`` returns names them the Python way (:mod:`lightning_dino.naming`).
     """
+    if isinstance(args, list | tuple):
+        args = resolve_config_args(list(args))
     with cli_flags():
         return DINOCLI(
             DINO,
@@ -195,9 +199,10 @@ def _overview() -> str:
     return (
         f"lightning-dino {__version__}: DINO self-supervised pre-training.\n\n"
         "Training (LightningCLI; `lightning-dino fit --help` lists every key):\n"
-        "  fit        train: lightning-dino fit --config configs/quickstart.yaml\n"
+        "  fit        train: lightning-dino fit --config quickstart (a recipe name, or a file)\n"
         "  (evaluation: the knn and probe tools; DINO has no validation loop)\n\n"
-        f"Tools (`lightning-dino TOOL --help`):\n{tools}\n"
+        f"Tools (`lightning-dino TOOL --help`):\n{tools}\n\n"
+        "lightning-dino --version prints the version.\n"
     )
 
 
@@ -207,7 +212,10 @@ def main(args: ArgsType = None) -> None:
     Args:
         args: Command-line arguments without the program name; None reads ``sys.argv``.
     """
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
+    if argv in (["--version"], ["-V"]):
+        print(f"lightning-dino {__version__}")
+        return
     if argv and argv[0] in TOOLS:
         run_tool(argv[0], argv[1:])
         return
@@ -215,7 +223,9 @@ def main(args: ArgsType = None) -> None:
         print(_overview())
         if not argv:
             return
+    if args is None:  # LightningCLI reads sys.argv; give it the recipes' paths
+        sys.argv[1:] = argv
     try:
-        train(args)
+        train(None if args is None else argv)
     except (UnreadableCheckpointError, ResumeError) as error:
         sys.exit(f"lightning-dino: error: {error}")

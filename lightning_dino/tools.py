@@ -25,6 +25,7 @@ from lightning_dino.io.export import (
     read_checkpoint,
 )
 from lightning_dino.naming import setting
+from lightning_dino.recipes import resolve_config
 
 Which = Literal["teacher", "student"]
 
@@ -42,7 +43,7 @@ def datamodule_from_config(config: str | Path | None, **overrides: Any) -> Multi
     """
     data: dict[str, Any] = {}
     if config is not None:
-        path = Path(config)
+        path = Path(resolve_config(str(config)))
         if not path.is_file():
             config_name = setting("datamodule_from_config", "config")
             raise FileNotFoundError(f"{config_name}: no such file: {path}")

@@ -139,8 +139,9 @@ class MultiCropDataModule(pl.LightningDataModule):
             (1.3x the original DINO pipeline per core on ImageNet-sized photos).
             ``"batched"``: the workers decode and cut each image's crops, then augment the
             whole batch's pixels at once with :class:`BatchedMultiCropTransform` (no uint8
-            rounding between the pixel steps; 2.2-2.4x the original per core on photos).
-            ``"device"``: the workers only decode (17-19x the original per core); crops and
+            rounding between the pixel steps; 1.7-2.4x the original per core on photos,
+            depending on the machine: see the speed benchmarks).
+            ``"device"``: the workers only decode (13-19x the original per core); crops and
             pixel work run on the training device after the transfer
             (``on_after_batch_transfer``), batched; for GPUs, where the CPU would otherwise
             starve the accelerator.

@@ -26,180 +26,66 @@ chunk when it is read (:class:`PreparedSplit`).
 
 from __future__ import annotations
 
-import bisect
-import io
-import itertools
 import json
 import os
-import shlex
-import struct
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from litdata import StreamingDataLoader, StreamingDataset
-from litdata.exceptions import ChunkWaitTimeoutError
-from litdata.streaming.downloader import get_downloader
-from litdata.streaming.sampler import ChunkedIndex
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
-from lightning_dino.data.datasets import load_image
-from lightning_dino.naming import setting, using_cli
+from lightning_dino.data.prepared_files import (
+    INDEX_FILENAME,
+    METADATA_FILENAME,
+    METADATA_VERSION,
+    CorruptDatasetError,
+    DecodeSample,
+    check_chunks,
+    decode_image,
+    fix_advice,
+    is_url,
+    prepare_command,
+    split_dir,
+)
+from lightning_dino.naming import setting
+from lightning_dino.optional import require
 
-METADATA_FILENAME = "lightning_dino.json"
-"""Name of the file, beside the splits, that holds the classes and the split sizes."""
+if TYPE_CHECKING:
+    from litdata import StreamingDataLoader, StreamingDataset
 
-METADATA_VERSION = 1
+    from lightning_dino.data.prepared_split import PreparedSplit
 
-INDEX_FILENAME = "index.json"
-"""LitData's index of a split's chunk files (their names, item counts and byte sizes)."""
+__all__ = [
+    "INDEX_FILENAME",
+    "METADATA_FILENAME",
+    "METADATA_VERSION",
+    "CorruptDatasetError",
+    "DecodeSample",
+    "PreparedDataset",
+    "StreamingImages",
+    "check_chunks",
+    "decode_image",
+    "is_url",
+    "prepare_command",
+    "split_dir",
+    "streaming_loader",
+]
+
+_PURPOSE = "Streaming datasets (--data.dataset streaming, lightning-dino prepare)"
 
 
-class CorruptDatasetError(ValueError):
-    """A file of a prepared dataset is missing or damaged; the message names it and the fix."""
+def prepared_split(input_dir: str, *args: Any, **kwargs: Any) -> PreparedSplit:
+    """A :class:`~lightning_dino.data.prepared_split.PreparedSplit`, once LitData is there.
 
-
-def decode_image(
-    data: bytes | memoryview, min_pixels: int | None = None, min_side: int = 0
-) -> Tensor:
-    """Decode an encoded image (JPEG, PNG...) held in memory, as ``load_image`` decodes files.
-
-    Args:
-        data: The encoded bytes of an image file.
-        min_pixels: Allow a reduced-size JPEG decode of at least this many pixels (see
-            :func:`~lightning_dino.data.load_image`); None decodes at full size.
-        min_side: With ``min_pixels``: the reduced size's shorter side is at least this.
-
-    Returns:
-        A uint8 tensor of shape (3, H, W), upright (EXIF orientation applied), RGB.
+    Raises:
+        MissingExtraError: If LitData (the ``streaming`` extra) is not installed.
     """
-    return load_image(io.BytesIO(data), min_pixels, min_side)
+    require("litdata", _PURPOSE)
+    from lightning_dino.data.prepared_split import PreparedSplit
 
-
-class DecodeSample:
-    """LitData item ``{"image": bytes, "label": int, ...}`` -> ``(transform(image), label)``.
-
-    Given to ``StreamingDataset(transform=...)``, so it runs in the loader's worker processes.
-
-    Args:
-        transform: Applied to the decoded uint8 (3, H, W) image; None keeps the image.
-        min_pixels: Allow reduced-size JPEG decoding (see :func:`decode_image`).
-        min_side: Shorter side of a reduced decode, at least.
-    """
-
-    def __init__(
-        self,
-        transform: Callable[[Tensor], Any] | None = None,
-        min_pixels: int | None = None,
-        min_side: int = 0,
-    ) -> None:
-        self.transform = transform
-        self.min_pixels, self.min_side = min_pixels, min_side
-
-    def __call__(self, item: Mapping[str, Any]) -> tuple[Any, int]:
-        """Decode ``item["image"]`` and transform it.
-
-        Args:
-            item: A sample of a prepared dataset.
-
-        Returns:
-            ``(image, label)``: the transformed image (uint8 (3, H, W) without a transform) and the
-            int label, -1 for an unlabelled image.
-        """
-        image, label = self.read(item)
-        return self.apply(image), label
-
-    def read(self, item: Mapping[str, Any]) -> tuple[Tensor, int]:
-        """The decoded uint8 (3, H, W) image and the int label of ``item``, untransformed."""
-        return decode_image(item["image"], self.min_pixels, self.min_side), int(item["label"])
-
-    def apply(self, image: Tensor) -> Any:
-        """``transform(image)``, or ``image`` without a transform."""
-        return self.transform(image) if self.transform else image
-
-
-class PreparedSplit(StreamingDataset):
-    """LitData's ``StreamingDataset`` of a prepared split whose read errors name the chunk.
-
-    An item that LitData cannot read, or whose image does not decode (``prepare`` decoded every
-    stored image once, so it is damage), raises :class:`CorruptDatasetError` naming the chunk
-    file, the item and ``fix``; the transform's own errors pass through unchanged.
-
-    Args:
-        input_dir: The split's directory or URL (e.g. ``DIR/train``).
-        decode: Decodes and transforms each item in the workers (``(image, label)`` samples);
-            None yields LitData's items (``{"index", "image", "label"}`` dicts).
-        fix: What to do about a damaged chunk (how to prepare the dataset again).
-        **kwargs: ``StreamingDataset``'s other arguments (not ``transform``).
-    """
-
-    def __init__(
-        self, input_dir: str, decode: DecodeSample | None = None, fix: str = "", **kwargs: Any
-    ) -> None:
-        super().__init__(input_dir, **kwargs)
-        self.split, self.decode = input_dir, decode
-        self.fix = fix or _fix(_parent(input_dir))
-
-    def __getitem__(self, index: Any) -> Any:
-        """The item (or decoded sample) at ``index``; see the class description."""
-        if not isinstance(index, int | ChunkedIndex):  # slices, keys: LitData's own
-            return super().__getitem__(index)
-        with self.naming_chunk(index):
-            item = super().__getitem__(index)
-            if self.decode is None:
-                return item
-            image, label = self.decode.read(item)
-        return self.decode.apply(image), label
-
-    @contextmanager
-    def naming_chunk(self, index: int | ChunkedIndex) -> Iterator[None]:
-        """Re-raise an error of the block as :class:`CorruptDatasetError` naming the chunk.
-
-        Args:
-            index: The item read in the block: a global position or LitData's ``ChunkedIndex``.
-
-        Yields:
-            Nothing.
-
-        Raises:
-            CorruptDatasetError: For any error but an ``IndexError``, a ``CorruptDatasetError``
-                already raised and a remote download's timeout.
-        """
-        try:
-            yield
-        except (IndexError, CorruptDatasetError):
-            raise
-        except Exception as err:
-            if isinstance(err, ChunkWaitTimeoutError) and is_url(self.split):
-                raise  # a slow or hung download, not a damaged chunk
-            raise self._corrupt(index, err) from err
-
-    def _corrupt(self, index: int | ChunkedIndex, error: Exception) -> CorruptDatasetError:
-        """The error naming the chunk of ``index``, the failure and the fix."""
-        position = index if isinstance(index, int) else index.index
-        chunk = self._chunk_of(index)
-        where = chunk or f"the chunk of item {position}"
-        if chunk and is_url(self.split):
-            where += " (read from its copy in LitData's chunk cache)"
-        return CorruptDatasetError(
-            f"{where} is damaged: item {position} of {self.split} cannot be read "
-            f"({_error_name(error)}: {error}); {self.fix}"
-        )
-
-    def _chunk_of(self, index: int | ChunkedIndex) -> str | None:
-        """The path or URL of the chunk file holding ``index``, or None if it cannot be told."""
-        try:
-            if isinstance(index, ChunkedIndex):
-                chunk = index.chunk_index
-            else:  # the chunks hold consecutive items, region_of_interest counts them
-                sizes = (end - start for start, end in self.region_of_interest)
-                chunk = bisect.bisect_right(list(itertools.accumulate(sizes)), index)
-            return split_dir(self.split, self.subsampled_files[chunk])
-        except (IndexError, TypeError, ValueError):
-            return None
+    return PreparedSplit(input_dir, *args, **kwargs)
 
 
 class StreamingImages(Dataset):
@@ -215,7 +101,7 @@ class StreamingImages(Dataset):
 
     def __init__(self, input_dir: str, cache_dir: str | None = None, fix: str = "") -> None:
         self.input_dir = input_dir
-        self.dataset = PreparedSplit(input_dir, cache_dir=cache_dir, fix=fix)
+        self.dataset = prepared_split(input_dir, cache_dir=cache_dir, fix=fix)
         self.decode = DecodeSample()
 
     def __len__(self) -> int:
@@ -297,7 +183,7 @@ class PreparedDataset:
     @property
     def fix(self) -> str:
         """What to do about a damaged chunk: prepare the folder again (and copy it, if remote)."""
-        return _fix(self.root, self.source)
+        return fix_advice(self.root, self.source)
 
     def train_stream(
         self,
@@ -320,7 +206,7 @@ class PreparedDataset:
             A ``litdata.StreamingDataset`` (:class:`PreparedSplit`) that drops the tail of an
             epoch so every rank and worker gets whole batches of the same count.
         """
-        return PreparedSplit(
+        return prepared_split(
             split_dir(self.root, "train"),
             DecodeSample(transform, **(decode_sizes or {})),
             self.fix,
@@ -370,7 +256,7 @@ def streaming_loader(
     Returns:
         The ``litdata.StreamingDataLoader``.
     """
-    return StreamingDataLoader(
+    return require("litdata", _PURPOSE).StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -379,36 +265,6 @@ def streaming_loader(
         persistent_workers=num_workers > 0,
         drop_last=True,
     )
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` is a remote URL (``s3://``, ``gs://``...) rather than a local path."""
-    return "://" in path
-
-
-def prepare_command(folder: str, out: str = "DIR", overwrite: bool = False) -> str:
-    """How to prepare ``folder`` into ``out``: the command under the CLI, else the Python call.
-
-    Args:
-        folder: The image folder to name, e.g. ``"FOLDER"``.
-        out: The prepared directory to name.
-        overwrite: Add ``--overwrite`` (``overwrite=True``): replace a prepared ``out``.
-
-    Returns:
-        ``lightning-dino prepare --data_dir FOLDER --out DIR`` or
-        ``prepare_streaming_dataset('FOLDER', 'DIR')`` (:mod:`lightning_dino.naming`).
-    """
-    if using_cli():
-        flag = " --overwrite" if overwrite else ""
-        paths = f"--data_dir {shlex.quote(folder)} --out {shlex.quote(out)}"
-        return f"lightning-dino prepare {paths}{flag}"
-    keyword = ", overwrite=True" if overwrite else ""
-    return f"prepare_streaming_dataset({folder!r}, {out!r}{keyword})"
-
-
-def split_dir(root: str, name: str) -> str:
-    """``root/name`` for a local path or a URL (always with ``/`` for URLs)."""
-    return f"{root.rstrip('/')}/{name}" if is_url(root) else os.path.join(root, name)
 
 
 def _read_metadata(root: str, cache_dir: str | None) -> dict[str, Any]:
@@ -426,102 +282,9 @@ def _read_metadata(root: str, cache_dir: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=cache_dir) as local_dir:
         local = os.path.join(local_dir, METADATA_FILENAME)
         try:
-            get_downloader(root, local_dir, []).download_file(path, local)
+            downloader = require("litdata.streaming.downloader", _PURPOSE).get_downloader
+            downloader(root, local_dir, []).download_file(path, local)
         except Exception as err:  # each storage client raises its own errors
             raise FileNotFoundError(f"{missing} ({type(err).__name__}: {err})") from err
         with open(local) as file:
             return json.load(file)
-
-
-def check_chunks(split: str, fix: str = "") -> None:
-    """Check a local split's chunk files against LitData's ``index.json``, reading only headers.
-
-    Each chunk listed in the index must exist; an uncompressed, unencrypted chunk must have the
-    byte size the index records and a header (item count, then the item offsets) that agrees with
-    the index and the file's size. Damage inside the items' bytes is found when they are read
-    (:class:`PreparedSplit`).
-
-    Args:
-        split: A local split directory (e.g. ``DIR/train``).
-        fix: What to do about it, appended to the message (default: prepare again).
-
-    Raises:
-        CorruptDatasetError: Naming the first missing or damaged file.
-    """
-    fix = fix or _fix(_parent(split))
-    index_path = os.path.join(split, INDEX_FILENAME)
-    try:
-        with open(index_path) as file:
-            index = json.load(file)
-        chunks, config = index["chunks"], index.get("config") or {}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CorruptDatasetError(
-            f"{index_path} is missing or damaged ({_error_name(err)}: {err}); {fix}"
-        ) from err
-    plain = not config.get("compression") and not config.get("encryption")
-    for number, chunk in enumerate(chunks):
-        try:
-            path = os.path.join(split, chunk["filename"])
-            problem = _chunk_problem(path, chunk, plain)
-        except (KeyError, TypeError, ValueError, struct.error) as err:
-            raise CorruptDatasetError(
-                f"{index_path} is damaged: its chunk {number} reads {chunk!r} "
-                f"({_error_name(err)}: {err}); {fix}"
-            ) from err
-        if problem:
-            raise CorruptDatasetError(f"{path} is damaged: {problem}; {fix}")
-
-
-def _chunk_problem(path: str, chunk: Mapping[str, Any], plain: bool) -> str | None:
-    """Why a chunk file does not match its ``index.json`` entry, or None if it does."""
-    if not os.path.isfile(path):
-        return "the file is missing"
-    size = os.path.getsize(path)
-    if not plain:  # compressed or encrypted: the index records the sizes before
-        return None
-    if size != chunk["chunk_bytes"]:
-        return f"it has {size} bytes, {INDEX_FILENAME} records {chunk['chunk_bytes']} (truncated?)"
-    n = chunk["chunk_size"]
-    header = 4 * (n + 2)  # the item count, then n + 1 offsets (uint32, little-endian)
-    with open(path, "rb") as file:
-        data = file.read(header)
-    if len(data) < header:
-        return f"{size} bytes cannot hold the header of {n} items"
-    count, *offsets = struct.unpack(f"<{n + 2}I", data)
-    if count != n:
-        return f"its header counts {count} items, {INDEX_FILENAME} records {n}"
-    ordered = all(a <= b for a, b in itertools.pairwise(offsets))
-    if offsets[0] != header or not ordered or offsets[-1] > size:
-        return f"its item offsets do not fit its {size} bytes"
-    return None
-
-
-def _fix(root: str, source: str = "FOLDER") -> str:
-    """What to do about a damaged file of the prepared dataset at ``root``.
-
-    Args:
-        root: The prepared directory or URL.
-        source: The image folder it was prepared from.
-
-    Returns:
-        Prepare the folder again (``--overwrite``); for a URL, also copy it there again, unless
-        only the cached copy of a chunk is damaged.
-    """
-    if is_url(root):
-        return (
-            f"if only the copy in LitData's chunk cache is damaged, delete it to download it "
-            f"again; else prepare the folder again (`{prepare_command(source, 'DIR', True)}`) "
-            f"and copy DIR to {root}"
-        )
-    return f"prepare the folder again: `{prepare_command(source, root, True)}`"
-
-
-def _parent(split: str) -> str:
-    """The prepared directory or URL that holds the split ``split``."""
-    return split.rstrip("/").rsplit("/", 1)[0] if is_url(split) else os.path.dirname(split)
-
-
-def _error_name(error: BaseException) -> str:
-    """``ValueError``, ``struct.error``, ``PIL.UnidentifiedImageError``: an error's type, named."""
-    module, name = type(error).__module__, type(error).__qualname__
-    return name if module == "builtins" else f"{module}.{name}"

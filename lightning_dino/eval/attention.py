@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib as mpl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from matplotlib.figure import Figure
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 from torchvision.utils import make_grid
+
+from lightning_dino.optional import require
+
+_PURPOSE = "Attention images (AttentionMapMonitor, lightning-dino attention)"
 
 
 def check_vit(backbone: nn.Module) -> VisionTransformer:
@@ -178,7 +180,7 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
 def _colorize(maps: Tensor, cmap: str = "inferno") -> Tensor:
     """Map each (h, w) map in (n, h, w), scaled by its own maximum, to RGB (n, 3, h, w)."""
     scaled = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-    rgba = mpl.colormaps[cmap](scaled.cpu().numpy())
+    rgba = require("matplotlib", _PURPOSE).colormaps[cmap](scaled.cpu().numpy())
     return torch.from_numpy(rgba[..., :3]).permute(0, 3, 1, 2).float()
 
 
@@ -240,7 +242,7 @@ def save_attention_png(
         *((f"head {i}", head) for i, head in enumerate(upsampled)),
         ("mean", upsampled.mean(dim=0)),
     ]
-    fig = Figure(figsize=(2.2 * len(panels), 2.4))
+    fig = require("matplotlib.figure", _PURPOSE).Figure(figsize=(2.2 * len(panels), 2.4))
     for axis, (title, panel) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         axis.imshow(panel.numpy(), cmap="inferno", interpolation="nearest")
         axis.set_title(title, fontsize=9)
@@ -285,6 +287,7 @@ class AttentionMapMonitor(Callback):
                 "AttentionMapMonitor needs every_n_epochs >= 1 and n_images >= 1, got "
                 f"{every_n_epochs} and {n_images}"
             )
+        require("matplotlib", _PURPOSE)  # before training starts, not at the first image
         self.every_n_epochs = every_n_epochs
         self.n_images = n_images
         self.threshold = threshold

@@ -61,7 +61,7 @@ def collapse_statistics(
         * ``teacher_entropy``: mean per-sample entropy of ``P_t`` in nats;
         * ``teacher_entropy_ratio``: that entropy over ln K (1 = uniform, 0 = one-hot);
         * ``teacher_student_kl``: mean ``KL(P_t || P_s)`` over the loss's pairs (teacher view t,
-          student view v != t) and the batch;
+            student view v != t) and the batch;
         * ``center_norm``: L2 norm of the centre;
         * ``teacher_max_prob``: mean largest probability of ``P_t``.
 

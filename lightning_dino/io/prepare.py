@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from litdata import optimize
 from PIL import Image
 from tqdm import tqdm
 
@@ -27,10 +26,12 @@ from lightning_dino.data.datamodule import _available_cpus, _hold_out
 from lightning_dino.data.datasets import UNLABELED, find_image_files
 from lightning_dino.data.streaming import METADATA_FILENAME, METADATA_VERSION, decode_image
 from lightning_dino.naming import setting
+from lightning_dino.optional import require
 
 _MAX_NAMED_FILES = 20  # unreadable files named in the message; all are in the metadata
 # Names an argument in messages: --out under `lightning-dino prepare`, else as a Python call.
 _setting = functools.partial(setting, "prepare_streaming_dataset")
+_PURPOSE = "lightning-dino prepare (streaming datasets)"
 
 Found = list[tuple[str, str | None]]  # (path, top-level class folder or None), from a scan
 Sample = tuple[str, int]  # (path, label)
@@ -87,6 +88,7 @@ def prepare_streaming_dataset(
         raise ValueError(f"{_setting('val_fraction')} must be in [0, 1), got {val_fraction}")
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"{_setting('num_workers')} must be >= 1, got {num_workers}")
+    require("litdata", _PURPOSE)  # before the folder is scanned
     data_dir, out = Path(data_dir), Path(out)
     layout = scan_layout(data_dir)
     _clear_output(out, overwrite)
@@ -294,6 +296,7 @@ def _write_split(
     samples: list[Sample], out: Path, num_workers: int, chunk_bytes: str, progress: bool
 ) -> None:
     """Write one split's files with LitData, keeping the samples' order."""
+    optimize = require("litdata", _PURPOSE).optimize
     optimize(
         fn=encode_sample,
         inputs=[(index, path, label) for index, (path, label) in enumerate(samples)],
