@@ -198,7 +198,6 @@ class DINO(StudentOptimization, pl.LightningModule):
         monitors: bool = True,
     ) -> None:
         super().__init__()
-        super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         validate_hyperparameters(self.hparams)
         head = dict(out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
