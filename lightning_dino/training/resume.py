@@ -32,6 +32,7 @@ STRUCTURAL_KEYS = (
     "n_head_layers",
     "use_bn_in_head",
     "norm_last_layer",
+    "objective",
 )
 
 
