@@ -174,7 +174,7 @@ def run_cli(args, cwd, returncode=0):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     process = subprocess.run([sys.executable, "-m", "lightning_dino", *args], cwd=cwd, env=env,
-                             capture_output=True, text=True, timeout=200)
+                             capture_output=True, text=True, timeout=400)
     assert process.returncode == returncode, process.stderr[-4000:]
     return process.stderr
 
@@ -191,7 +191,7 @@ def dump(out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_two_gloo_ranks_with_half_batches_match_one_process(tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_dir.mkdir(), single_dir.mkdir()
@@ -210,7 +210,7 @@ def test_two_gloo_ranks_with_half_batches_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_sigkill_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()

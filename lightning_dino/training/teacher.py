@@ -101,7 +101,8 @@ class TeacherEMA(Callback):
         m = self.momentum(step - 1, self._total_steps)
         target = getattr(pl_module, self.target)
         ema_update(target, pl_module.student, m)
-        if self.copy_buffers:
+        buffers = list(target.buffers())
+        if self.copy_buffers and buffers:
             with torch.no_grad():
-                torch._foreach_copy_(list(target.buffers()), list(pl_module.student.buffers()))
+                torch._foreach_copy_(buffers, list(pl_module.student.buffers()))
         pl_module.log(f"train/{self.target}_momentum", m, on_step=True, on_epoch=False)
