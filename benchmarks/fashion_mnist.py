@@ -64,8 +64,10 @@ class TimedKNN(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = trainer.datamodule
-        bank = extract_features(pl_module.teacher.backbone, data.knn_train_dataloader(), progress=False)
-        queries = extract_features(pl_module.teacher.backbone, data.knn_val_dataloader(), progress=False)
+        # DINO's teacher, or a distillation run's EMA of its student: what each evaluates.
+        backbone = getattr(pl_module, "ema", pl_module.teacher).backbone
+        bank = extract_features(backbone, data.knn_train_dataloader(), progress=False)
+        queries = extract_features(backbone, data.knn_val_dataloader(), progress=False)
         top1, top5 = knn_accuracy(*bank, *queries)
         row = {
             "minutes": self._trained / 60,

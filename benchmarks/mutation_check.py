@@ -53,7 +53,7 @@ BUGS: dict[str, Bug] = {
     "ema_removed": Bug(
         "(a) teacher EMA removed (TeacherEMA never calls ema_update)",
         "lightning_dino/training/teacher.py",
-        "        ema_update(pl_module.teacher, pl_module.student, m)\n",
+        "        ema_update(target, pl_module.student, m)\n",
         "        pass  # planted bug: no EMA\n",
     ),
     "momentum_off_by_one": Bug(

@@ -3,6 +3,7 @@
 from lightning_dino.data import MultiCropDataModule, MultiCropTransform
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
 from lightning_dino.dino import DINO
+from lightning_dino.distillation import Distillation
 from lightning_dino.eval import (
     AttentionMapMonitor,
     CollapseMonitor,
@@ -36,6 +37,7 @@ __all__ = [
     "DINOCheckpoint",
     "DINOHead",
     "DINOLoss",
+    "Distillation",
     "EpochSampler",
     "GramLoss",
     "KNNMonitor",

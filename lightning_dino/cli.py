@@ -1,7 +1,9 @@
 """The ``lightning-dino`` command.
 
 ``fit`` goes to LightningCLI (``DINO`` +
-``MultiCropDataModule``, keys ``--model.*``, ``--data.*``, ``--trainer.*``); the tools
+``MultiCropDataModule``, keys ``--model.*``, ``--data.*``, ``--trainer.*``; a config whose
+``model`` names a ``class_path``, such as ``lightning_dino.Distillation``, trains that class
+with its ``init_args``); the tools
 (``export``, ``knn``, ``prepare``...) are plain functions whose typed arguments jsonargparse
 turns into flags.
 """
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import yaml
 from jsonargparse import ArgumentParser, Namespace, lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -23,7 +27,7 @@ from lightning_dino.data import MultiCropDataModule
 from lightning_dino.dino import DINO
 from lightning_dino.io.export import UnreadableCheckpointError, read_checkpoint
 from lightning_dino.naming import cli_flags
-from lightning_dino.recipes import resolve_config_args
+from lightning_dino.recipes import resolve_config, resolve_config_args
 from lightning_dino.training.checkpointing import DINOCheckpoint
 from lightning_dino.training.resume import (
     ResumeError,
@@ -82,7 +86,9 @@ class DINOCLI(LightningCLI):
         given = self._explicit_model_arguments(subcommand)
         if given:
             config = self.parser.parse_object({subcommand: {"model": given}}, config)
-        changes = hyperparameter_changes(saved, config[subcommand].model.as_dict())
+        model = config[subcommand].model
+        current = model.init_args if "init_args" in model else model  # a class_path config
+        changes = hyperparameter_changes(saved, current.as_dict())
         message = structural_change_message(changes, ckpt_path)
         if message:  # before any data or network is built
             raise ResumeError(message)
@@ -137,10 +143,15 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
     """
     if isinstance(args, list | tuple):
         args = resolve_config_args(list(args))
+    class_path = selected_model_class(args)
     with cli_flags():
         return DINOCLI(
-            DINO,
+            pl.LightningModule if class_path else DINO,
             MultiCropDataModule,
+            # Configs without a class_path mean DINO and keep its flat keys (--model.lr); one
+            # that names a class (model: {class_path: lightning_dino.Distillation, init_args:
+            # {...}}) is parsed in subclass mode.
+            subclass_mode_model=class_path is not None,
             save_config_kwargs={"overwrite": True},
             # The optimizer and its schedules are DINO's own (parameter groups, per-step lr and
             # weight decay): no --optimizer / --lr_scheduler keys that would be ignored.
@@ -149,6 +160,55 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
             args=args,
             run=run,
         )
+
+
+def selected_model_class(args: ArgsType = None) -> str | None:
+    """The model ``class_path`` the configs and flags of a ``fit`` command name, if any.
+
+    Read from every ``--config`` file's ``model.class_path`` (also under ``fit:``) and from
+    ``--model.class_path`` / ``--model`` flags; the last one given wins, as in jsonargparse.
+
+    Args:
+        args: The command's arguments (None reads ``sys.argv``), or a dict of them.
+
+    Returns:
+        The class path, or None (the model is :class:`DINO`, configured with flat keys).
+    """
+    if isinstance(args, dict | Namespace):
+        model = Namespace(args).get("fit.model") or Namespace(args).get("model")
+        found = model.get("class_path") if isinstance(model, dict | Namespace) else None
+        return str(found) if found else None
+    argv = list(sys.argv[1:] if args is None else args)
+    found = None
+    for position, arg in enumerate(argv):
+        key, has_value, value = arg.partition("=")
+        if not has_value:
+            value = argv[position + 1] if position + 1 < len(argv) else ""
+        if key in ("--config", "-c"):
+            found = _config_class_path(value) or found
+        elif key == "--model.class_path" or (key == "--model" and _is_class_name(value)):
+            found = value
+    return found
+
+
+def _config_class_path(config: str) -> str | None:
+    """``model.class_path`` of a config file (or YAML string), None when it names none."""
+    path = Path(resolve_config(config))
+    try:
+        content = yaml.safe_load(path.read_text() if path.is_file() else config)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(content, dict):
+        return None
+    model = (content.get("fit") or content).get("model")
+    return model.get("class_path") if isinstance(model, dict) else None
+
+
+def _is_class_name(value: str) -> bool:
+    """Whether a ``--model`` value is a dotted class name (not a file or a YAML mapping)."""
+    return "." in value and not Path(value).exists() and all(
+        part.isidentifier() for part in value.split(".")
+    )
 
 
 def _load_tool(name: str) -> Callable[..., Any]:

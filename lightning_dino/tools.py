@@ -27,7 +27,7 @@ from lightning_dino.io.export import (
 from lightning_dino.naming import setting
 from lightning_dino.recipes import resolve_config
 
-Which = Literal["teacher", "student"]
+Which = Literal["teacher", "student", "ema"]
 
 
 def datamodule_from_config(config: str | Path | None, **overrides: Any) -> MultiCropDataModule:
@@ -60,16 +60,17 @@ def datamodule_from_config(config: str | Path | None, **overrides: Any) -> Multi
     return module
 
 
-def export(ckpt: Path, out: Path, which: Which = "teacher") -> None:
+def export(ckpt: Path, out: Path, which: Which | None = None) -> None:
     """Export the teacher (or student) backbone of a DINO checkpoint for plain timm.
 
     Args:
         ckpt: Lightning checkpoint of a DINO run (e.g. runs/dino/version_0/checkpoints/last.ckpt).
         out: Directory to write model.safetensors and config.json to.
-        which: Network to export; the teacher is what DINO evaluates and releases.
+        which: Network to export; by default the one the checkpoint evaluates: DINO's teacher
+            (what DINO releases), a distillation run's EMA of its student.
     """
     export_backbone(ckpt, out, which)
-    print(f"exported the {which} backbone of {ckpt} to {out}")
+    print(f"exported the {which or 'evaluated'} backbone of {ckpt} to {out}")
 
 
 def embed(
@@ -118,7 +119,7 @@ def knn(
     config: Path | None = None,
     k: int = 20,
     temperature: float = 0.07,
-    which: Which = "teacher",
+    which: Which | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
 ) -> tuple[float, float]:
@@ -132,7 +133,8 @@ def knn(
         config: The fit config whose data section names the dataset.
         k: Number of neighbours.
         temperature: Voting temperature T.
-        which: Backbone to evaluate (teacher, as in the paper).
+        which: Backbone to evaluate; by default the checkpoint's evaluated network (DINO's
+            teacher, as in the paper; a distillation run's student EMA).
         batch_size: Evaluation batch size (default: the config's).
         num_workers: DataLoader workers (default: the config's).
 
@@ -147,7 +149,8 @@ def knn(
     queries = extract_features(backbone, data.knn_val_dataloader())
     top1, top5 = knn_accuracy(*bank, *queries, k=k, temperature=temperature)
     print(
-        f"k-NN ({which}, k={k}, T={temperature}, {len(bank[1])} train / {len(queries[1])} test): "
+        f"k-NN ({which or 'evaluated network'}, k={k}, T={temperature}, "
+        f"{len(bank[1])} train / {len(queries[1])} test): "
         f"top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%"
     )
     return top1, top5
@@ -158,7 +161,7 @@ def probe(
     config: Path | None = None,
     epochs: int = 100,
     lr: float = 0.001,
-    which: Which = "teacher",
+    which: Which | None = None,
     feature_mode: Literal["auto", "cls", "last4_cls", "pooled"] = "auto",
     batch_size: int | None = None,
     accelerator: str = "auto",
@@ -195,7 +198,8 @@ def probe(
         progress=True,
     )
     print(
-        f"linear probe ({which}, {epochs} epochs): best top-1 {100 * result['best_top1']:.2f}%  "
+        f"linear probe ({which or 'evaluated network'}, {epochs} epochs): "
+        f"best top-1 {100 * result['best_top1']:.2f}%  "
         f"last top-1 {100 * result['last_top1']:.2f}%"
     )
     return result
@@ -207,7 +211,7 @@ def attention(
     out: Path,
     image_size: int | None = None,
     threshold: float | None = None,
-    which: Which = "teacher",
+    which: Which | None = None,
 ) -> Path:
     """Write a PNG of the last block's CLS attention maps, one per head, for one image.
 

@@ -133,7 +133,8 @@ def test_shipped_configs_parse(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
     assert exit_info.value.code == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["backbone"]
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model.get("init_args", model)["backbone"]  # a class_path config nests its arguments
 
 
 def test_quickstart_time_cap_stops_early_with_a_checkpoint_the_knn_step_reads(tmp_path, monkeypatch, built):

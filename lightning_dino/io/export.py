@@ -33,7 +33,8 @@ timm, but the pooling is not, so after loading with timm set it again with
 ``lightning_dino.networks.backbones.use_grid_pooling(model, g)`` (``load_backbone`` does this).
 
 The teacher is exported by default: it is the network DINO evaluates and the one the official
-DINO releases publish.
+DINO releases publish. A checkpoint of :class:`~lightning_dino.Distillation` exports the EMA of
+its student (``ema``) by default; its ``teacher`` is the frozen network it distilled from.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from lightning_dino.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-Which = Literal["teacher", "student"]
+Which = Literal["teacher", "student", "ema"]
 
 # Regularisation-only arguments: they do not change the architecture or the eval-mode features,
 # and a fine-tuning user passes their own (a duplicate keyword would be a TypeError).
@@ -70,7 +71,9 @@ _DROP_RATE_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
 _PRETRAINED_CFG_KEYS = ("first_conv", "classifier")
 
 
-def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = "teacher") -> Path:
+def export_backbone(
+    checkpoint: str | Path, out_dir: str | Path, which: Which | None = None
+) -> Path:
     """Write the teacher (or student) backbone of a DINO checkpoint as a plain timm export.
 
     The checkpoint is read with ``torch.load(weights_only=True)``, so no code is unpickled. The
@@ -78,10 +81,12 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = 
     is written.
 
     Args:
-        checkpoint: A Lightning checkpoint (``.ckpt``) of :class:`lightning_dino.DINO`.
+        checkpoint: A Lightning checkpoint (``.ckpt``) of :class:`lightning_dino.DINO` or
+            :class:`lightning_dino.Distillation`.
         out_dir: Directory to write ``model.safetensors`` and ``config.json`` to (created).
-        which: ``"teacher"`` (the EMA network DINO evaluates, as in the official releases) or
-            ``"student"``.
+        which: ``"teacher"`` (the EMA network DINO evaluates, as in the official releases),
+            ``"student"``, or ``"ema"`` (a distillation run's EMA of its student); None: the
+            network the checkpoint evaluates (:func:`default_network`).
 
     Returns:
         ``out_dir`` as a Path.
@@ -96,6 +101,7 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: Which = 
         ['config.json', 'model.safetensors']
     """
     ckpt = read_checkpoint(checkpoint)
+    which = which or default_network(ckpt)
     state = backbone_state_dict(ckpt, which, source=checkpoint)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     architecture = hparams.get("backbone")
@@ -141,8 +147,9 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
 
     Args:
         path: An export directory (or its ``config.json`` / ``model.safetensors``), or a ``.ckpt``.
-        which: For a checkpoint, ``"teacher"`` (default) or ``"student"``. For an export, None or
-            the network it holds (a mismatch is an error).
+        which: For a checkpoint, ``"teacher"``, ``"student"`` or ``"ema"``; None (default) is
+            the network it evaluates (:func:`default_network`). For an export, None or the
+            network it holds (a mismatch is an error).
 
     Returns:
         The backbone, a timm model without classifier mapping (B, C, H, W) images to (B, D)
@@ -159,7 +166,7 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
     if path.is_dir():
         return _load_export(path, which).train().requires_grad_(True)
     ckpt = read_checkpoint(path)
-    which = which or "teacher"
+    which = which or default_network(ckpt)
     state = backbone_state_dict(ckpt, which, source=path)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     architecture = hparams.get("backbone")
@@ -235,6 +242,20 @@ def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str
     )
 
 
+def default_network(ckpt: dict[str, Any]) -> Which:
+    """The network a checkpoint evaluates and exports by default.
+
+    Args:
+        ckpt: A checkpoint dictionary from :func:`read_checkpoint`.
+
+    Returns:
+        ``"ema"`` for a :class:`~lightning_dino.Distillation` checkpoint (the EMA of its
+        student), ``"teacher"`` for a DINO checkpoint.
+    """
+    distilled = any(key.startswith("ema.backbone.") for key in ckpt["state_dict"])
+    return "ema" if distilled else "teacher"
+
+
 def backbone_state_dict(
     ckpt: dict[str, Any], which: Which = "teacher", source: str | Path = "checkpoint"
 ) -> dict[str, Tensor]:
@@ -242,17 +263,24 @@ def backbone_state_dict(
 
     Args:
         ckpt: A checkpoint dictionary from :func:`read_checkpoint`.
-        which: ``"teacher"`` or ``"student"``.
+        which: ``"teacher"``, ``"student"`` or ``"ema"``.
         source: Where ``ckpt`` came from, for error messages.
 
     Returns:
         The state dict of ``<which>.backbone`` with keys relative to the backbone.
 
     Raises:
-        ValueError: If ``which`` is invalid or the checkpoint has no ``<which>.backbone.`` keys.
+        ValueError: If ``which`` is invalid, names the frozen teacher of a distillation run, or
+            the checkpoint has no ``<which>.backbone.`` keys.
     """
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if which not in ("teacher", "student", "ema"):
+        raise ValueError(f"which must be 'teacher', 'student' or 'ema', got {which!r}")
+    if which == "teacher" and default_network(ckpt) == "ema":
+        raise ValueError(
+            f"{source} is a distillation checkpoint: its teacher is the frozen network it was "
+            f"distilled from, not the one it trained; use {setting('export', 'which', 'ema')} "
+            "(the default) or 'student'"
+        )
     prefix = f"{which}.backbone."
     state = ckpt["state_dict"]
     backbone = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}

@@ -72,14 +72,17 @@ def schedule_warnings(model: pl.LightningModule) -> list[str]:
             f"{model.peak_lr:.3g}; use a shorter warmup (the reference warms up for 10 of 100 "
             "epochs) or train longer"
         )
-    temperatures_differ = hp.warmup_teacher_temp != hp.teacher_temp
+    # A distillation module has no teacher-temperature warmup and no last-layer freeze.
+    temperatures_differ = hp.get("warmup_teacher_temp", hp.get("teacher_temp")) != hp.get(
+        "teacher_temp"
+    )
     if temperatures_differ and hp.warmup_teacher_temp_epochs >= epochs:
         messages.append(
             f"{setting('model', 'warmup_teacher_temp_epochs', hp.warmup_teacher_temp_epochs)} "
             f"covers the whole run ({epochs} epoch(s)): the teacher temperature never reaches "
             f"{setting('model', 'teacher_temp', hp.teacher_temp)}; lower it or train longer"
         )
-    if hp.freeze_last_layer >= epochs:
+    if hp.get("freeze_last_layer", 0) >= epochs:
         messages.append(
             f"{setting('model', 'freeze_last_layer', hp.freeze_last_layer)} covers the whole "
             f"run ({epochs} epoch(s)): the head's last layer never trains; use 0 for such a "

@@ -35,6 +35,7 @@ STRUCTURAL_KEYS = (
     "ibot_separate_head",
     "ibot_out_dim",
     "ibot_bottleneck_dim",
+    "objective",
 )
 
 

@@ -5,6 +5,8 @@ The losses every step; schedules and collapse diagnostics on the steps the logge
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 from torch import Tensor
 
@@ -52,7 +54,37 @@ def log_training_step(
         ``{"loss": loss, "diagnostics": {...}}``: the diagnostics hold at least the
         ``teacher_entropy_ratio`` the :class:`~lightning_dino.eval.CollapseMonitor` reads.
     """
-    batch_size = student_out.shape[1]
+    log_losses(module, loss, terms, student_out.shape[1])
+    if not writes_logs_this_step(module.trainer):
+        # The CollapseMonitor needs the entropy ratio every step; the rest only feeds the logs.
+        ratio = teacher_entropy_ratio(teacher_out, center, teacher_temp)
+        return {"loss": loss, "diagnostics": {"teacher_entropy_ratio": ratio}}
+    diagnostics = collapse_statistics(student_out, teacher_out, center, student_temp, teacher_temp)
+    log_schedules(
+        module,
+        {
+            "train/teacher_temp": teacher_temp,
+            **{f"diagnostics/{name}": value for name, value in diagnostics.items()},
+        },
+        student_out.shape[1],
+    )
+    return {"loss": loss, "diagnostics": diagnostics}
+
+
+def log_losses(
+    module: pl.LightningModule, loss: Tensor, terms: dict[str, Tensor], batch_size: int
+) -> None:
+    """Log ``train/loss``, each term (when there is more than one) and ``train/loss_epoch``.
+
+    All averaged over processes; ``train/loss_epoch`` is the epoch mean (for
+    ``ModelCheckpoint`` / ``EarlyStopping``).
+
+    Args:
+        module: The module training.
+        loss: The total loss.
+        terms: Each term's loss by log key.
+        batch_size: Images per process in the step.
+    """
     module.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
     if len(terms) > 1:
         module.log_dict(terms, batch_size=batch_size, sync_dist=True)
@@ -60,19 +92,22 @@ def log_training_step(
         "train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch_size,
         sync_dist=True,
     )
-    if not writes_logs_this_step(module.trainer):
-        # The CollapseMonitor needs the entropy ratio every step; the rest only feeds the logs.
-        ratio = teacher_entropy_ratio(teacher_out, center, teacher_temp)
-        return {"loss": loss, "diagnostics": {"teacher_entropy_ratio": ratio}}
-    diagnostics = collapse_statistics(student_out, teacher_out, center, student_temp, teacher_temp)
+
+
+def log_schedules(module: pl.LightningModule, extra: dict[str, Any], batch_size: int) -> None:
+    """Log the learning rate and weight decay this step used, and ``extra`` values.
+
+    Args:
+        module: The module training (its first optimizer group is the decay group).
+        extra: More values by log key (a temperature, diagnostics).
+        batch_size: Images per process in the step.
+    """
     decay_group = module.optimizers().optimizer.param_groups[0]
     module.log_dict(
         {
             "train/lr": decay_group["lr"],
             "train/weight_decay": decay_group["weight_decay"],
-            "train/teacher_temp": teacher_temp,
-            **{f"diagnostics/{name}": value for name, value in diagnostics.items()},
+            **extra,
         },
         batch_size=batch_size,
     )
-    return {"loss": loss, "diagnostics": diagnostics}

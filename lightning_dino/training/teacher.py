@@ -40,6 +40,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 class TeacherEMA(Callback):
     """Moves ``pl_module.teacher`` towards ``pl_module.student`` after every optimizer step.
 
+    ``target`` names another attribute to move (a distillation run keeps an EMA of its student
+    in ``pl_module.ema``; its teacher is frozen).
+
     The momentum follows a cosine from ``base_momentum`` to ``final_momentum`` over all optimizer
     steps of the run (``trainer.estimated_stepping_batches``), indexed by ``global_step``. The
     update happens in ``on_train_batch_end`` only when ``global_step`` advanced, so under gradient
@@ -48,15 +51,28 @@ class TeacherEMA(Callback):
     Args:
         base_momentum: Momentum at step 0 (0.996 in the paper).
         final_momentum: Momentum at the end of training (1.0).
+        target: The attribute of the module that follows ``pl_module.student``; its momentum
+            is logged as ``train/<target>_momentum``.
+        copy_buffers: Also copy the student's buffers (BatchNorm statistics) into the target
+            after each update, for a target that never runs during training (an EMA kept as the
+            final model); DINO's teacher keeps its own, from its forwards.
     """
 
-    def __init__(self, base_momentum: float = 0.996, final_momentum: float = 1.0) -> None:
+    def __init__(
+        self,
+        base_momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        target: str = "teacher",
+        copy_buffers: bool = False,
+    ) -> None:
         if not 0.0 <= base_momentum <= 1.0 or not 0.0 <= final_momentum <= 1.0:
             raise ValueError(
                 f"teacher momentum must be in [0, 1], got {base_momentum} -> {final_momentum}"
             )
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
+        self.target = target
+        self.copy_buffers = copy_buffers
         self._last_step = -1
         self._total_steps = 1
 
@@ -83,5 +99,10 @@ class TeacherEMA(Callback):
             return
         self._last_step = step
         m = self.momentum(step - 1, self._total_steps)
-        ema_update(pl_module.teacher, pl_module.student, m)
-        pl_module.log("train/teacher_momentum", m, on_step=True, on_epoch=False)
+        target = getattr(pl_module, self.target)
+        ema_update(target, pl_module.student, m)
+        buffers = list(target.buffers())
+        if self.copy_buffers and buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, list(pl_module.student.buffers()))
+        pl_module.log(f"train/{self.target}_momentum", m, on_step=True, on_epoch=False)
