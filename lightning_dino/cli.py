@@ -79,10 +79,15 @@ class DINOCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         saved = dict(read_checkpoint(ckpt_path).get("hyper_parameters", {}))
-        saved.pop("_instantiator", None)
+        saved = {key: value for key, value in saved.items() if not key.startswith("_")}
         if not saved:
             return
-        config = self.parser.parse_object({subcommand: {"model": saved}}, self.config)
+        chosen = self.config[subcommand].get("model")
+        if isinstance(chosen, Namespace) and "class_path" in chosen:  # a class_path config
+            saved_model: dict[str, Any] = {"class_path": chosen.class_path, "init_args": saved}
+        else:
+            saved_model = saved
+        config = self.parser.parse_object({subcommand: {"model": saved_model}}, self.config)
         given = self._explicit_model_arguments(subcommand)
         if given:
             config = self.parser.parse_object({subcommand: {"model": given}}, config)

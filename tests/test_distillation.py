@@ -181,7 +181,7 @@ def run_cli(args, cwd, returncode=0):
 
 RUN = ["fit", "--config", str(CONF / "tiny_distill.yaml"), "--seed_everything=0", "--trainer.max_epochs=2",
        "--trainer.logger=false", "--checkpoint.dirpath=checkpoints", "--model.lr=0.256",
-       "--model.ema_momentum=0.5", "--data.synthetic_size=16", "--data.global_crop_scale=[1.0,1.0]",
+       "--model.ema_momentum=0.5", "--model.drop_path_rate=0", "--data.synthetic_size=16", "--data.global_crop_scale=[1.0,1.0]",
        "--data.hflip_p=0", "--data.color_jitter_p=0", "--data.grayscale_p=0", "--data.blur_p=[0,0,0]",
        "--data.solarize_p=0"]
 
@@ -203,7 +203,10 @@ def test_two_gloo_ranks_with_half_batches_match_one_process(tmp_path):
     for key in ("teacher", "student", "ema"):
         for name, value in one[key].items():
             assert torch.equal(ranks[0][key][name], ranks[1][key][name]), f"{key}.{name} differs between ranks"
-            torch.testing.assert_close(ranks[0][key][name], value, rtol=1e-4, atol=1e-5)
+            # Summed gradients of two half batches round differently from one whole batch, and lr
+            # 0.256 amplifies it over 4 steps (measured: 6e-5); a rank that trained on its own
+            # gradients alone would be off by orders of magnitude more.
+            torch.testing.assert_close(ranks[0][key][name], value, rtol=1e-3, atol=2e-4)
     for row0, row1, row in zip(ranks[0]["rows"], ranks[1]["rows"], one["rows"], strict=True):
         torch.testing.assert_close((row0["loss"] + row1["loss"]) / 2, row["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(row0["logged_loss"], row["loss"], rtol=1e-5, atol=1e-6)

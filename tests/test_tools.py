@@ -30,13 +30,13 @@ def test_knn_command_prints_accuracy(tiny_run, capsys):
     main(["knn", "--ckpt", str(tiny_run), "--config", str(CONF / "tiny_vit.yaml"), "--k", "5"])
     out = capsys.readouterr().out
     # The config's data section is used (32 synthetic images), not the data module's defaults.
-    assert "k-NN (teacher, k=5, T=0.07, 32 train" in out and "top-1" in out
+    assert "k-NN (evaluated network, k=5, T=0.07, 32 train" in out and "top-1" in out
 
 
 def test_probe_command(tiny_run, capsys):
     main(["probe", "--ckpt", str(tiny_run), "--config", str(CONF / "tiny_vit.yaml"), "--epochs", "2",
           "--accelerator", "cpu"])
-    assert "linear probe (teacher, 2 epochs): best top-1" in capsys.readouterr().out
+    assert "linear probe (evaluated network, 2 epochs): best top-1" in capsys.readouterr().out
 
 
 def test_attention_command_writes_png(tiny_run, tmp_path):
