@@ -276,6 +276,11 @@ class DINO(StudentOptimization, pl.LightningModule):
         """
         return self.teacher.backbone(images)
 
+    @property
+    def evaluated_backbone(self) -> nn.Module:
+        """The EMA teacher's backbone: what monitors evaluate and ``export`` writes."""
+        return self.teacher.backbone
+
     # Schedules -----------------------------------------------------------------------------
 
     def on_train_start(self) -> None:

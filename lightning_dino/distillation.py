@@ -233,6 +233,11 @@ class Distillation(StudentOptimization, pl.LightningModule):
         """
         return self.ema.backbone(images)
 
+    @property
+    def evaluated_backbone(self) -> nn.Module:
+        """The student's EMA backbone: what monitors evaluate (never the frozen teacher)."""
+        return self.ema.backbone
+
     def on_train_start(self) -> None:
         """Fix the run length and peak lr; a run from step 0 restarts the centre."""
         self._check_next_batch = True

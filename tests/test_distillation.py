@@ -14,8 +14,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dino import DINO, Distillation, export_backbone, load_backbone
+from lightning_dino import DINO, Distillation, KNNMonitor, export_backbone, load_backbone
+from lightning_dino.eval import evaluated_backbone, knn_accuracy
 from tests.conftest import CropData, make_trainer
 
 ROOT = Path(__file__).parents[1]
@@ -162,6 +164,28 @@ def test_forward_and_export_give_the_student_ema(teacher_files, tmp_path):
     again = Distillation(str(tmp_path / "distilled.ckpt"), **STUDENT)
     assert again.objective == "features"
     torch.testing.assert_close(again.teacher.backbone(images), model(images))
+
+
+def test_knn_monitor_evaluates_the_student_ema_not_the_frozen_teacher(teacher_files):
+    """The k-NN logged during distillation is the student EMA's: independently recomputed."""
+    checkpoint, _ = teacher_files
+    torch.manual_seed(0)
+    images, labels = torch.randn(24, 3, 32, 32), torch.arange(24) % 3
+    bank = DataLoader(TensorDataset(images[:16], labels[:16]), batch_size=8)
+    queries = DataLoader(TensorDataset(images[16:], labels[16:]), batch_size=8)
+    monitor = KNNMonitor(k=3, train_dataloader=bank, val_dataloader=queries)
+    model = Distillation(str(checkpoint), **STUDENT, objective="features", ema_momentum=0.5)
+    calls = []
+    model.ema.backbone.register_forward_hook(lambda *_: calls.append(1))
+    fit(model, steps=3, callbacks=[monitor])
+    assert evaluated_backbone(model) is model.ema.backbone
+    assert len(calls) == 3  # 2 bank batches and 1 query batch, once, at the last epoch end
+    model.eval()
+    with torch.no_grad():
+        bank_features, query_features = model.ema.backbone(images[:16]), model.ema.backbone(images[16:])
+    expected = knn_accuracy(bank_features, labels[:16], query_features, labels[16:], k=3,
+                            temperature=0.07)
+    assert (monitor.last_top1, monitor.last_top5) == pytest.approx(expected)
 
 
 def free_port():

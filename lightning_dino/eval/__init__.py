@@ -12,7 +12,13 @@ from lightning_dino.eval.attention import (
     save_attention_png,
 )
 from lightning_dino.eval.diagnostics import CollapseMonitor, collapse_statistics
-from lightning_dino.eval.knn import KNNMonitor, extract_features, knn_accuracy, knn_predict
+from lightning_dino.eval.knn import (
+    KNNMonitor,
+    evaluated_backbone,
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+)
 from lightning_dino.eval.linear import LinearProbe, fit_linear_probe, probe_features
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "attention_mass_mask",
     "check_vit",
     "collapse_statistics",
+    "evaluated_backbone",
     "extract_features",
     "fit_linear_probe",
     "knn_accuracy",

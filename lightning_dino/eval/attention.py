@@ -24,6 +24,7 @@ from timm.models import VisionTransformer
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from lightning_dino.eval.knn import evaluated_backbone
 from lightning_dino.optional import require
 
 _PURPOSE = "Attention images (AttentionMapMonitor, lightning-dino attention)"
@@ -253,13 +254,14 @@ def save_attention_png(
 
 
 class AttentionMapMonitor(Callback):
-    """Log the teacher's CLS attention maps on a fixed set of images to TensorBoard.
+    """Log the evaluated backbone's CLS attention maps on a fixed set of images to TensorBoard.
 
     The images are fixed once: the first ``n_images`` of ``trainer.datamodule.knn_val_dataloader()``
     when the data module has labels, otherwise the first global crop of the first training batch
     (``batch[0][0]``, descending into nested lists/tuples until a tensor is found). Every
-    ``every_n_epochs`` epochs, rank zero computes :func:`attention_maps` of
-    ``pl_module.teacher.backbone`` and logs :func:`attention_grid` as ``attention/maps`` with
+    ``every_n_epochs`` epochs, rank zero computes :func:`attention_maps` of the
+    :func:`~lightning_dino.eval.knn.evaluated_backbone` (DINO's teacher, a distillation's student
+    EMA) and logs :func:`attention_grid` as ``attention/maps`` with
     ``logger.experiment.add_image`` on the first ``TensorBoardLogger``. A non-ViT backbone gets one
     warning and disables the callback.
 
@@ -300,7 +302,7 @@ class AttentionMapMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the backbone is a ViT and, with labels, fix the images from the k-NN val split."""
         try:
-            check_vit(pl_module.teacher.backbone)
+            check_vit(evaluated_backbone(pl_module))
         except (TypeError, ValueError) as error:
             rank_zero_warn(f"AttentionMapMonitor is disabled: {error}")
             self._disabled = True
@@ -331,7 +333,7 @@ class AttentionMapMonitor(Callback):
         if self._disabled or not due or not trainer.is_global_zero or self._images is None:
             return
         images = self._images.to(pl_module.device)
-        maps = attention_maps(pl_module.teacher.backbone, images, self.threshold)
+        maps = attention_maps(evaluated_backbone(pl_module), images, self.threshold)
         self.last_grid = attention_grid(self._images, maps, self.mean, self.std)
         tensorboard = next(
             (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None

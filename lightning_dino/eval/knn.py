@@ -157,13 +157,36 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
+def evaluated_backbone(pl_module: pl.LightningModule) -> nn.Module:
+    """The backbone a monitor evaluates: the network the module trains for its users.
+
+    ``pl_module.evaluated_backbone`` when the module defines it (``DINO``: the EMA teacher;
+    ``Distillation``: the student's EMA, never the frozen teacher it learns from), otherwise
+    ``pl_module.teacher.backbone`` (a user's own module shaped like ``DINO``).
+
+    Raises:
+        AttributeError: The module has neither, naming both.
+    """
+    backbone = getattr(pl_module, "evaluated_backbone", None)
+    if backbone is not None:
+        return backbone
+    teacher = getattr(pl_module, "teacher", None)
+    if teacher is None or not isinstance(getattr(teacher, "backbone", None), nn.Module):
+        raise AttributeError(
+            f"{type(pl_module).__name__} has neither an evaluated_backbone nor a "
+            "teacher.backbone to evaluate; give it an evaluated_backbone property"
+        )
+    return teacher.backbone
+
+
 class KNNMonitor(Callback):
-    """Log the teacher backbone's weighted k-NN accuracy during training.
+    """Log the weighted k-NN accuracy of the evaluated backbone during training.
 
     At the end of every ``every_n_epochs``-th training epoch, and at the end of training if the
     last epoch was not evaluated already, the callback embeds the data module's
     ``knn_train_dataloader()`` and ``knn_val_dataloader()`` (both yielding ``(images, labels)``)
-    with ``pl_module.teacher.backbone`` and logs ``knn/top1`` and ``knn/top5``. The end-of-training
+    with :func:`evaluated_backbone` (DINO's teacher, a distillation's student EMA) and logs
+    ``knn/top1`` and ``knn/top5``. The end-of-training
     value goes straight to the loggers, since Lightning forbids ``self.log`` in ``on_train_end``.
 
     Under DDP every rank embeds a shard (``DistributedSampler(shuffle=False)``), the features,
@@ -248,7 +271,7 @@ class KNNMonitor(Callback):
         if loaders is None:
             return False
         train_loader, val_loader, num_classes = loaders
-        backbone = pl_module.teacher.backbone
+        backbone = evaluated_backbone(pl_module)
         subset = self._train_subset(len(train_loader.dataset))
         with trainer.precision_plugin.forward_context():
             train = _embed_all(trainer, pl_module, backbone, train_loader, subset)
