@@ -207,13 +207,19 @@ class CPUBudget(Callback):
         return 1000 * statistics.median(times) if times else float("nan")
 
 
-def build_model(variant: str, schedule_steps: int, steps_per_epoch: int) -> DINO:
+def build_model(
+    variant: str,
+    schedule_steps: int,
+    steps_per_epoch: int,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> DINO:
     """The DINO module of a variant (same architecture and recipe for all).
 
     Args:
         variant: A key of :data:`VARIANTS`.
         schedule_steps: Length of the cosine schedules (and of the Gram schedule).
         steps_per_epoch: Optimizer steps in one pass over the training mosaics.
+        backbone_kwargs: The ViT's ``timm`` arguments; :data:`BACKBONE_KWARGS` when None.
 
     Returns:
         The module, untrained.
@@ -223,7 +229,7 @@ def build_model(variant: str, schedule_steps: int, steps_per_epoch: int) -> DINO
         extra |= {"gram_start_step": schedule_steps // 3, "gram_update_every": schedule_steps // 3}
     return DINO(
         backbone="vit_tiny_patch16_224",
-        backbone_kwargs=BACKBONE_KWARGS,
+        backbone_kwargs=BACKBONE_KWARGS if backbone_kwargs is None else backbone_kwargs,
         drop_path_rate=0.0,
         out_dim=2048,
         hidden_dim=512,
@@ -240,15 +246,30 @@ def build_model(variant: str, schedule_steps: int, steps_per_epoch: int) -> DINO
 
 
 def train_variant(
-    model: DINO, mosaics: Tensor, sizes: Sizes, budget_s: float, schedule_steps: int, seed: int
+    model: pl.LightningModule,
+    mosaics: Tensor,
+    sizes: Sizes,
+    budget_s: float,
+    schedule_steps: int,
+    seed: int,
+    crops: dict[str, Any] | None = None,
 ) -> CPUBudget:
     """Train ``model`` on multi-crops of ``mosaics`` until the CPU budget or the schedule ends.
+
+    Args:
+        model: A DINO or Distillation module.
+        mosaics: uint8 training mosaics (n, 1, H, W).
+        sizes: Batch size and data sizes.
+        budget_s: CPU seconds the training may use.
+        schedule_steps: Maximum number of steps (the schedules' length).
+        seed: Seed of the weights' randomness and the data order.
+        crops: Multi-crop settings; :data:`CROPS` when None.
 
     Returns:
         The budget callback, holding the per-iteration CPU times.
     """
     pl.seed_everything(seed, verbose=False)
-    augment = BatchedMultiCropTransform(**CROPS)
+    augment = BatchedMultiCropTransform(**(CROPS if crops is None else crops))
     loader = DataLoader(
         TensorDataset(mosaics, torch.zeros(len(mosaics), dtype=torch.int64)),
         batch_size=sizes.batch_size,

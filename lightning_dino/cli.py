@@ -239,8 +239,10 @@ def run_tool(name: str, args: list[str]) -> Any:
     parser = ArgumentParser(prog=f"lightning-dino {name}", description=tool.__doc__.splitlines()[0])
     parser.add_function_arguments(tool, as_positional=False)
     args = _with_bare_flags_true(tool, args)
+    # jsonargparse renamed instantiate_classes to instantiate (4.43 and older have only the first).
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     with cli_flags():
-        return tool(**parser.instantiate(parser.parse_args(args)).as_dict())
+        return tool(**instantiate(parser.parse_args(args)).as_dict())
 
 
 def _with_bare_flags_true(tool: Callable[..., Any], args: list[str]) -> list[str]:

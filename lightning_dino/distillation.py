@@ -11,6 +11,7 @@ L2-normalised ones (:class:`~lightning_dino.losses.distillation.FeatureDistillat
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -237,6 +238,19 @@ class Distillation(StudentOptimization, pl.LightningModule):
     def evaluated_backbone(self) -> nn.Module:
         """The student's EMA backbone: what monitors evaluate (never the frozen teacher)."""
         return self.ema.backbone
+
+    def on_fit_start(self) -> None:
+        """Silence Lightning's eval-mode warning when only the frozen teacher is in eval mode.
+
+        Lightning warns "Found N module(s) in eval mode" at the start of training; the frozen
+        teacher is in eval mode on purpose. The filter matches that exact N, so a module of the
+        student left in eval mode by mistake still raises the warning.
+        """
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if in_eval and all(name.split(".")[0] == "teacher" for name in in_eval):
+            warnings.filterwarnings(
+                "ignore", message=f"Found {len(in_eval)} module\\(s\\) in eval mode"
+            )
 
     def on_train_start(self) -> None:
         """Fix the run length and peak lr; a run from step 0 restarts the centre."""

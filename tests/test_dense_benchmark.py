@@ -58,3 +58,30 @@ def test_quick_benchmark_reports_every_variant(tmp_path):
         assert 0.0 <= float(row["patch_knn_top1"]) <= 1.0 and 0.0 <= float(row["image_knn_top1"]) <= 1.0
         assert (int(row["steps"]) > 0) == (row["variant"] != "random_init")
     assert (tmp_path / "dense_pca.png").stat().st_size > 0
+
+
+def test_quick_distillation_benchmark_starts_both_students_from_the_same_weights(tmp_path, monkeypatch):
+    """benchmarks/dense_distill.py --quick: every row, and the distilled student (and its EMA)
+    starts from the scratch student's initial weights, with the trained teacher frozen."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("dense_distill", ROOT / "benchmarks" / "dense_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    starts = []
+    original = module.train
+
+    def recording_train(model, *args, **kwargs):
+        student = getattr(model, "ema", None) or model.student
+        starts.append({k: v.clone() for k, v in student.backbone.state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "train", recording_train)
+    rows = module.main(["--quick", "--out", str(tmp_path)])
+    assert [r["variant"] for r in rows] == ["teacher", "random_init", "scratch", "distilled"]
+    scratch, distilled = starts[1], starts[2]
+    assert scratch.keys() == distilled.keys()
+    assert all(torch.equal(scratch[k], distilled[k]) for k in scratch)
+    for row in rows:
+        assert 0.0 <= row["patch_knn_top1"] <= 1.0 and 0.0 <= row["image_knn_top1"] <= 1.0
+    with open(tmp_path / "dense_distill.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == [r["variant"] for r in rows]

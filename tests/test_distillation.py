@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,22 @@ def test_knn_monitor_evaluates_the_student_ema_not_the_frozen_teacher(teacher_fi
     expected = knn_accuracy(bank_features, labels[:16], query_features, labels[16:], k=3,
                             temperature=0.07)
     assert (monitor.last_top1, monitor.last_top5) == pytest.approx(expected)
+
+
+def test_the_eval_mode_warning_is_silenced_for_the_teacher_only():
+    """Lightning's "module(s) in eval mode" warning: not for the frozen teacher, still for a
+    student module left in eval mode."""
+    model = Distillation(SizeRecorder(), **STUDENT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, steps=1)
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+    model = Distillation(SizeRecorder(), **STUDENT)
+    model.student.projection.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, steps=1)
+    assert [w for w in caught if "in eval mode" in str(w.message)]
 
 
 def free_port():
