@@ -24,9 +24,10 @@ import matplotlib
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_dino import Distillation
 from lightning_dino.cli import train
 from lightning_dino.eval import AttentionMapMonitor, KNNMonitor
-from lightning_dino.eval.knn import extract_features, knn_accuracy
+from lightning_dino.eval.knn import evaluated_backbone, extract_features, knn_accuracy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -64,8 +65,7 @@ class TimedKNN(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = trainer.datamodule
-        # DINO's teacher, or a distillation run's EMA of its student: what each evaluates.
-        backbone = getattr(pl_module, "ema", pl_module.teacher).backbone
+        backbone = evaluated_backbone(pl_module)  # DINO's teacher, a distillation's student EMA
         bank = extract_features(backbone, data.knn_train_dataloader(), progress=False)
         queries = extract_features(backbone, data.knn_val_dataloader(), progress=False)
         top1, top5 = knn_accuracy(*bank, *queries)
@@ -96,14 +96,16 @@ def raw_pixel_knn(datamodule: pl.LightningDataModule) -> float:
     )[0]
 
 
-def write_outputs(rows: list[dict[str, float]], raw: float, out: Path, title: str) -> None:
+def write_outputs(
+    rows: list[dict[str, float]], raw: float, out: Path, title: str, label: str = "DINO teacher"
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "curve.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["minutes"] for r in rows], [100 * r["top1"] for r in rows], "o-", label="DINO teacher")
+    ax.plot([r["minutes"] for r in rows], [100 * r["top1"] for r in rows], "o-", label=label)
     ax.axhline(100 * raw, color="gray", ls="--", label=f"raw pixels ({100 * raw:.1f}%)")
     ax.axhline(100 * rows[0]["top1"], color="red", ls=":", label=f"random init ({100 * rows[0]['top1']:.1f}%)")
     ax.set_xlabel("training minutes (2-core CPU)")
@@ -136,7 +138,8 @@ def main() -> None:
     cli.datamodule.setup("fit")
     raw = raw_pixel_knn(cli.datamodule)
     cli.trainer.fit(cli.model, cli.datamodule)
-    write_outputs(timer.rows, raw, Path(args.out), Path(args.config).stem)
+    label = "distilled student (EMA)" if isinstance(cli.model, Distillation) else "DINO teacher"
+    write_outputs(timer.rows, raw, Path(args.out), Path(args.config).stem, label)
     final, init = timer.rows[-1], timer.rows[0]
     print(
         f"final k-NN top1 {100 * final['top1']:.2f}% after {final['minutes']:.1f} min "

@@ -25,6 +25,7 @@ from lightning_dino.io.export import (
     read_checkpoint,
 )
 from lightning_dino.naming import setting
+from lightning_dino.networks.backbones import use_standard_pooling
 from lightning_dino.recipes import resolve_config
 
 Which = Literal["teacher", "student", "ema"]
@@ -122,6 +123,7 @@ def knn(
     which: Which | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    pooling: Literal["trained", "standard"] = "trained",
 ) -> tuple[float, float]:
     """Weighted k-NN accuracy of a checkpoint's backbone (the DINO protocol).
 
@@ -137,6 +139,9 @@ def knn(
             teacher, as in the paper; a distillation run's student EMA).
         batch_size: Evaluation batch size (default: the config's).
         num_workers: DataLoader workers (default: the config's).
+        pooling: ``"trained"``: the features the run trained with (``feature_grid`` included);
+            ``"standard"``: the paper's protocol, a CNN's global average pool or a ViT's class
+            token, for a run trained with ``feature_grid``.
 
     Returns:
         (top1, top5) as fractions.
@@ -145,11 +150,13 @@ def knn(
     if not data.has_labels:
         raise ValueError(f"the dataset of {config} has no labels: k-NN needs labelled data")
     backbone = load_backbone(ckpt, which)
+    if pooling == "standard":
+        use_standard_pooling(backbone)
     bank = extract_features(backbone, data.knn_train_dataloader())
     queries = extract_features(backbone, data.knn_val_dataloader())
     top1, top5 = knn_accuracy(*bank, *queries, k=k, temperature=temperature)
     print(
-        f"k-NN ({which or 'evaluated network'}, k={k}, T={temperature}, "
+        f"k-NN ({which or 'evaluated network'}, {pooling} pooling, k={k}, T={temperature}, "
         f"{len(bank[1])} train / {len(queries[1])} test): "
         f"top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%"
     )

@@ -30,7 +30,10 @@ def test_knn_command_prints_accuracy(tiny_run, capsys):
     main(["knn", "--ckpt", str(tiny_run), "--config", str(CONF / "tiny_vit.yaml"), "--k", "5"])
     out = capsys.readouterr().out
     # The config's data section is used (32 synthetic images), not the data module's defaults.
-    assert "k-NN (evaluated network, k=5, T=0.07, 32 train" in out and "top-1" in out
+    assert "k-NN (evaluated network, trained pooling, k=5, T=0.07, 32 train" in out and "top-1" in out
+    main(["knn", "--ckpt", str(tiny_run), "--config", str(CONF / "tiny_vit.yaml"), "--k", "5",
+          "--pooling", "standard"])
+    assert "standard pooling" in capsys.readouterr().out
 
 
 def test_probe_command(tiny_run, capsys):

@@ -9,6 +9,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -168,6 +169,32 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
     channels = backbone.num_features
     backbone.global_pool = GridPool(grid)
     backbone.num_features = channels * grid * grid
+    return backbone
+
+
+def use_standard_pooling(backbone: nn.Module) -> nn.Module:
+    """Undo :func:`use_grid_pooling` in place: the paper's features, for its evaluation protocol.
+
+    A CNN pools its last map with global average pooling again, a ViT gives its class token.
+    A backbone without grid pooling is returned unchanged.
+
+    Args:
+        backbone: A timm model, grid-pooled or not.
+
+    Returns:
+        ``backbone``, whose output is (B, num_features) of the plain timm model.
+    """
+    grid = feature_grid_of(backbone)
+    if not grid:
+        return backbone
+    if isinstance(getattr(backbone, "attn_pool", None), TokenGridPool):
+        backbone.attn_pool = None
+        backbone.pool_include_prefix = False
+        backbone.global_pool = "token"
+        backbone.num_features = backbone.embed_dim
+        return backbone
+    backbone.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+    backbone.num_features = backbone.num_features // (grid * grid)
     return backbone
 
 

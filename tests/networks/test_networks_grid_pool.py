@@ -10,6 +10,7 @@ from lightning_dino.networks.backbones import (
     create_timm_backbone,
     feature_grid_of,
     use_grid_pooling,
+    use_standard_pooling,
 )
 
 
@@ -96,3 +97,25 @@ def test_feature_grid_with_a_custom_module_is_an_error_not_ignored():
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=[8, 8, 8, 8])
     with pytest.raises(ValueError, match=r"DINO\(feature_grid=...\) applies to timm backbones given by name"):
         DINO(backbone=backbone, feature_grid=2, out_dim=32, hidden_dim=16, bottleneck_dim=8)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_standard_pooling_gives_the_plain_models_features(name):
+    """After use_standard_pooling a grid-pooled model gives what the paper's protocol reads: a
+    CNN's global average of its last map, a ViT's class token; the same as the plain timm model
+    with the same weights."""
+    kwargs = ({"channels": [8, 8, 8, 16]} if name == "resnet18"
+              else {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2})
+    torch.manual_seed(0)
+    model = create_timm_backbone(name, backbone_kwargs=kwargs, feature_grid=2).eval()
+    plain = timm.create_model(name, num_classes=0, **kwargs).eval()
+    plain.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    assert use_standard_pooling(model) is model and feature_grid_of(model) == 0
+    with torch.no_grad():
+        tokens_or_map = model.forward_features(images)
+        expected = tokens_or_map[:, 0] if tokens_or_map.ndim == 3 else tokens_or_map.mean((2, 3))
+        torch.testing.assert_close(model(images), expected)
+        torch.testing.assert_close(model(images), plain(images))
+    assert model.num_features == plain.num_features
+    assert use_standard_pooling(plain) is plain  # a model without grid pooling: unchanged
