@@ -43,7 +43,7 @@ from lightning_dino.training.step_logging import (
 from lightning_dino.training.teacher import TeacherEMA
 
 Batch = tuple[list[Tensor], Tensor] | list[Tensor] | dict[str, Any]
-Objective = Literal["auto", "features", "dino"]
+Objective = Literal["features", "dino"]
 
 
 class Distillation(StudentOptimization, pl.LightningModule):
@@ -64,8 +64,9 @@ class Distillation(StudentOptimization, pl.LightningModule):
         backbone_kwargs: Extra ``timm.create_model`` arguments of the student.
         teacher_kwargs: ``timm.create_model`` arguments of a teacher given by timm name, e.g.
             ``{pretrained: true, pretrained_cfg_overlay: {file: /path/model.safetensors}}``.
-        objective: ``"dino"`` (needs a teacher with a DINO head), ``"features"``, or
-            ``"auto"``: ``"dino"`` when the teacher has a head, ``"features"`` otherwise.
+        objective: ``"features"`` (default: it measured best, see ``docs/distillation.md``, and
+            works with every teacher) or ``"dino"`` (DINOv2's; needs a teacher with a DINO
+            head, i.e. a ``DINO`` checkpoint).
         feature_grid: Grid pooling of a timm student (see :class:`~lightning_dino.DINO`).
         drop_path_rate: Stochastic depth of the student (DINOv2 distils without).
         teacher_image_size: Resize the global crops to this size for the teacher (a teacher
@@ -105,7 +106,7 @@ class Distillation(StudentOptimization, pl.LightningModule):
         backbone: str | nn.Module = "vit_small_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
         teacher_kwargs: dict[str, Any] | None = None,
-        objective: Objective = "auto",
+        objective: Objective = "features",
         feature_grid: int = 0,
         drop_path_rate: float = 0.0,
         teacher_image_size: int | None = None,
@@ -156,17 +157,15 @@ class Distillation(StudentOptimization, pl.LightningModule):
 
     def _resolve_objective(self, objective: Objective) -> Literal["features", "dino"]:
         has_head = self.teacher.head is not None
-        if objective == "auto":
-            return "dino" if has_head else "features"
         if objective == "dino" and not has_head:
             raise ValueError(
                 f"{setting('model', 'objective', 'dino')} needs a teacher with a DINO head (a "
                 f"checkpoint of lightning_dino.DINO); this teacher has none. Use "
-                f"{setting('model', 'objective', 'features')} (or 'auto')."
+                f"{setting('model', 'objective', 'features')}."
             )
         if objective not in ("features", "dino"):
             raise ValueError(
-                f"{setting('model', 'objective', objective)}: use 'auto', 'features' or 'dino'"
+                f"{setting('model', 'objective', objective)}: use 'features' or 'dino'"
             )
         return objective
 

@@ -65,18 +65,19 @@ def assert_frozen_after_fit(model, trainer, before):
 
 
 @pytest.mark.parametrize(("source", "objective", "resolved"), [
-    ("checkpoint", "auto", "dino"),
-    ("checkpoint", "features", "features"),
-    ("export", "auto", "features"),
-    ("timm", "auto", "features"),
-    ("module", "auto", "features"),
+    ("checkpoint", "dino", "dino"),
+    ("checkpoint", None, "features"),
+    ("export", None, "features"),
+    ("timm", None, "features"),
+    ("module", None, "features"),
 ])
 def test_every_teacher_source_and_objective_trains_with_a_frozen_teacher(teacher_files, source, objective,
                                                                          resolved):
     checkpoint, export = teacher_files
     teacher = {"checkpoint": {"teacher": str(checkpoint)}, "export": {"teacher": str(export)},
                "timm": TIMM_TEACHER, "module": {"teacher": timm.create_model("test_resnet", num_classes=0)}}[source]
-    model = Distillation(**teacher, **STUDENT, objective=objective)
+    chosen = {} if objective is None else {"objective": objective}  # None: the default
+    model = Distillation(**teacher, **STUDENT, **chosen)
     assert model.objective == resolved
     if source == "checkpoint":  # the DINO run's EMA teacher, bit for bit
         want = load_backbone(checkpoint, "teacher").state_dict()
@@ -98,7 +99,7 @@ def test_every_teacher_source_and_objective_trains_with_a_frozen_teacher(teacher
 def test_the_dino_objective_starts_from_the_teacher_run_centre_and_temperature(teacher_files):
     checkpoint, _ = teacher_files
     saved = torch.load(checkpoint, weights_only=True)
-    model = Distillation(str(checkpoint), **STUDENT)
+    model = Distillation(str(checkpoint), **STUDENT, objective="dino")
     torch.testing.assert_close(model.loss.center, saved["state_dict"]["loss.center"])
     assert model.teacher_temperature == saved["hyper_parameters"]["teacher_temp"]
     assert model.student.head.last_layer.weight.shape == model.teacher.head.last_layer.weight.shape

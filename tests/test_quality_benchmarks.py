@@ -51,6 +51,20 @@ def test_fashion_mnist_benchmark_script(tmp_path):
     assert lines[0] == "minutes,epoch,step,top1,top5" and len(lines) >= 3
 
 
+def test_plot_curves_reads_the_benchmark_csv_and_writes_the_figure(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "benchmarks" / "plot_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    csv_file = tmp_path / "curve.csv"
+    csv_file.write_text("minutes,epoch,step,top1,top5\n0.0,0,0,0.2,0.5\n4.0,2,1044,0.8437,0.98\n")
+    assert module.read_curve(csv_file) == ([0.0, 4.0], [20.0, 84.37])
+    out = tmp_path / "figure.png"
+    module.main(["--out", str(out), "--curve", f"a run={csv_file}", "--line", "raw pixels=85.69"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_collapse_study_script(tmp_path):
     out = run([str(ROOT / "benchmarks" / "collapse_study.py"), "--config", str(TINY), "--steps", "3",
                "--bank-size", "0", "--out", str(tmp_path / "collapse")], tmp_path)

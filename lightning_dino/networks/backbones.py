@@ -17,9 +17,25 @@ from lightning_dino.naming import setting
 from lightning_dino.networks.head import DINOHead
 
 
+def _local_weights_as_state_dict(extra: dict[str, Any]) -> dict[str, Any]:
+    """Load a local ``.safetensors`` / ``.pth`` weights file as a state dict.
+
+    Some timm models' default weights are JAX ``.npz`` files (``custom_load`` in their
+    pretrained config, e.g. the ViT AugReg tags); timm before 1.0.31 parses any local
+    ``pretrained_cfg_overlay: {file: ...}`` of such a model as ``.npz`` and fails on a PyTorch
+    file. A file that is not ``.npz`` gets ``custom_load: False`` unless the caller set it.
+    """
+    overlay = extra.get("pretrained_cfg_overlay")
+    if not isinstance(overlay, dict) or "file" not in overlay or "custom_load" in overlay:
+        return extra
+    if str(overlay["file"]).endswith(".npz"):
+        return extra
+    return {**extra, "pretrained_cfg_overlay": {**overlay, "custom_load": False}}
+
+
 def _timm_kwargs(name: str, drop_path_rate: float, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """Candidate keyword sets for ``timm.create_model``, most specific first."""
-    base = {"pretrained": False, "num_classes": 0, **extra}
+    base = {"pretrained": False, "num_classes": 0, **_local_weights_as_state_dict(extra)}
     with_dpr = {**base, "drop_path_rate": drop_path_rate} if "drop_path_rate" not in extra else base
     candidates = [with_dpr, base]
     if "dynamic_img_size" not in extra:
