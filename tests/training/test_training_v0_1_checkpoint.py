@@ -66,7 +66,14 @@ def test_resumes_to_the_end_of_the_uninterrupted_0_1_run(tmp_path):
     torch.testing.assert_close(losses, want["losses"][6:], rtol=1e-4, atol=1e-5)
     for key in ("student", "teacher"):
         for name, value in want[key].items():
-            torch.testing.assert_close(got[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+            mine = got[key][name]
+            if name.endswith("attn.qkv.bias"):
+                # The key bias adds q.b to every logit of a query's softmax, which cancels: its
+                # gradient is zero but for rounding, and AdamW scales that noise up to full steps,
+                # so it differs between CPUs. Compare the query and value biases only.
+                width = len(value) // 3
+                mine, value = torch.cat([mine[:width], mine[2 * width:]]), torch.cat([value[:width], value[2 * width:]])
+            torch.testing.assert_close(mine, value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     torch.testing.assert_close(got["center"], want["center"], rtol=1e-4, atol=1e-5)
 
 
