@@ -428,6 +428,48 @@ def build_eval_data(
     )
 
 
+def train_measured(
+    model: pl.LightningModule,
+    mosaics: Tensor,
+    sizes: Sizes,
+    budget_s: float,
+    schedule_steps: int,
+    seed: int,
+    crops: dict[str, Any] | None = None,
+) -> tuple[int, float, float]:
+    """:func:`train_variant`, measured.
+
+    Returns:
+        ``(steps, CPU seconds of the whole training, median CPU ms of a step)``.
+    """
+    start = time.process_time()
+    budget = train_variant(model, mosaics, sizes, budget_s, schedule_steps, seed, crops)
+    return model.trainer.global_step, time.process_time() - start, budget.ms_per_step()
+
+
+def result_row(
+    variant: str,
+    backbone: nn.Module,
+    data: EvalData,
+    steps: int,
+    cpu_s: float,
+    ms: float,
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    """Evaluate ``backbone`` (see :func:`evaluate`); print and return the table row."""
+    patch_top1, image_top1 = evaluate(backbone, data)
+    row = {
+        "variant": variant,
+        "steps": steps,
+        "train_cpu_s": round(cpu_s, 1),
+        "ms_per_step": round(ms, 1),
+        "patch_knn_top1": patch_top1,
+        "image_knn_top1": image_top1,
+    }
+    print(f"{labels[variant]}: {row}", flush=True)
+    return row
+
+
 def run_variant(
     variant: str, mosaics: Tensor, data: EvalData, sizes: Sizes, args: argparse.Namespace
 ) -> tuple[dict[str, Any], Tensor]:
@@ -439,32 +481,21 @@ def run_variant(
     steps_per_epoch = len(mosaics) // sizes.batch_size
     pl.seed_everything(args.seed, verbose=False)
     model = build_model(variant, args.schedule_steps, steps_per_epoch)
-    steps, ms, cpu_s = 0, float("nan"), 0.0
+    run = (0, 0.0, float("nan"))
     if variant != "random_init":
-        start = time.process_time()
-        budget = train_variant(
+        run = train_measured(
             model, mosaics, sizes, args.budget_cpu_s, args.schedule_steps, args.seed
         )
-        cpu_s = time.process_time() - start
-        steps, ms = model.trainer.global_step, budget.ms_per_step()
     backbone = model.teacher.backbone
-    patch_top1, image_top1 = evaluate(backbone, data)
+    row = result_row(variant, backbone, data, *run, LABELS)
     grid = 2 * ITEM // PATCH
     pca = patch_features(backbone, data.test_mosaics[:4]).unflatten(1, (grid, grid))
-    row = {
-        "variant": variant,
-        "steps": steps,
-        "train_cpu_s": round(cpu_s, 1),
-        "ms_per_step": round(ms, 1),
-        "patch_knn_top1": patch_top1,
-        "image_knn_top1": image_top1,
-    }
-    print(f"{LABELS[variant]}: {row}", flush=True)
     return row, pca
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a markdown table (accuracies in %)."""
+def markdown_table(rows: list[dict[str, Any]], labels: dict[str, str] | None = None) -> str:
+    """The results as a markdown table (accuracies in %), rows named by ``labels`` (LABELS)."""
+    labels = LABELS if labels is None else labels
     lines = [
         "| variant | steps in budget | ms/step (CPU) | patch k-NN top-1 | image k-NN top-1 |",
         "|---|---|---|---|---|",
@@ -472,10 +503,28 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ms = "-" if r["steps"] == 0 else f"{r['ms_per_step']:.0f}"
         lines.append(
-            f"| {LABELS[r['variant']]} | {r['steps']} | {ms} | "
+            f"| {labels[r['variant']]} | {r['steps']} | {ms} | "
             f"{100 * r['patch_knn_top1']:.1f}% | {100 * r['image_knn_top1']:.1f}% |"
         )
     return "\n".join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The table rows as a CSV file (its folder is created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_data(sizes: Sizes, seed: int) -> tuple[Tensor, EvalData]:
+    """The training mosaics and the evaluation data, both fixed by ``seed``."""
+    train = load_fashion_mnist(None, train=True)
+    test = load_fashion_mnist(None, train=False)
+    data = build_eval_data(train, test, sizes, seed)
+    mosaics, _ = make_mosaics(*train, sizes.train_mosaics, torch.Generator().manual_seed(seed))
+    return mosaics, data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -502,19 +551,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(1)
     sizes = QUICK if args.quick else FULL
-    train = load_fashion_mnist(None, train=True)
-    test = load_fashion_mnist(None, train=False)
-    data = build_eval_data(train, test, sizes, args.seed)
-    mosaics, _ = make_mosaics(*train, sizes.train_mosaics, torch.Generator().manual_seed(args.seed))
+    mosaics, data = load_data(sizes, args.seed)
     rows, pca = [], {}
     for variant in args.variants:
         row, pca[variant] = run_variant(variant, mosaics, data, sizes, args)
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "dense.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "dense.csv")
     shown = {LABELS[v]: pca[v] for v in ("dino", "ibot") if v in pca}
     if shown:
         save_pca_figure(data.test_mosaics[:4], shown, args.out / "dense_pca.png")

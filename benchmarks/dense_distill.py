@@ -29,21 +29,18 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dense  # benchmarks/ is a folder of scripts, not a package
 
 from lightning_dino import Distillation
-from lightning_dino.data.datasets import load_fashion_mnist
 
 STUDENT_KWARGS = {**dense.BACKBONE_KWARGS, "depth": 2, "embed_dim": 64, "num_heads": 2}
 GLOBAL_ONLY = {**dense.CROPS, "n_local_crops": 0}
@@ -68,53 +65,6 @@ def build_distilled(teacher: nn.Module, schedule_steps: int, steps_per_epoch: in
         warmup_epochs=0.1 * schedule_steps / steps_per_epoch,
         monitors=False,
     )
-
-
-def evaluate_row(
-    variant: str, backbone: nn.Module, data: dense.EvalData, steps: int, cpu_s: float, ms: float
-) -> dict[str, Any]:
-    """Evaluate ``backbone`` and print the table row."""
-    patch_top1, image_top1 = dense.evaluate(backbone, data)
-    row = {
-        "variant": variant,
-        "steps": steps,
-        "train_cpu_s": round(cpu_s, 1),
-        "ms_per_step": round(ms, 1),
-        "patch_knn_top1": patch_top1,
-        "image_knn_top1": image_top1,
-    }
-    print(f"{LABELS[variant]}: {row}", flush=True)
-    return row
-
-
-def train(
-    model: pl.LightningModule,
-    mosaics: Tensor,
-    sizes: dense.Sizes,
-    budget_s: float,
-    schedule_steps: int,
-    seed: int,
-    crops: dict[str, Any] | None = None,
-) -> tuple[int, float, float]:
-    """Train with ``dense.train_variant``; return (steps, CPU seconds, median ms/step)."""
-    start = time.process_time()
-    budget = dense.train_variant(model, mosaics, sizes, budget_s, schedule_steps, seed, crops)
-    return model.trainer.global_step, time.process_time() - start, budget.ms_per_step()
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a markdown table (accuracies in %)."""
-    lines = [
-        "| network | steps | CPU s | ms/step (CPU) | patch k-NN top-1 | image k-NN top-1 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ms = "-" if r["steps"] == 0 else f"{r['ms_per_step']:.0f}"
-        lines.append(
-            f"| {LABELS[r['variant']]} | {r['steps']} | {r['train_cpu_s']:.0f} | {ms} | "
-            f"{100 * r['patch_knn_top1']:.1f}% | {100 * r['image_knn_top1']:.1f}% |"
-        )
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,41 +93,36 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(1)
     sizes = dense.QUICK if args.quick else dense.FULL
-    train_split = load_fashion_mnist(None, train=True)
-    test_split = load_fashion_mnist(None, train=False)
-    data = dense.build_eval_data(train_split, test_split, sizes, args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    mosaics, _ = dense.make_mosaics(*train_split, sizes.train_mosaics, generator)
+    mosaics, data = dense.load_data(sizes, args.seed)
     steps_per_epoch = len(mosaics) // sizes.batch_size
 
     pl.seed_everything(args.seed, verbose=False)
     teacher = dense.build_model("ibot", args.teacher_schedule_steps, steps_per_epoch)
-    run = train(
+    run = dense.train_measured(
         teacher, mosaics, sizes, args.teacher_budget_cpu_s, args.teacher_schedule_steps, args.seed
     )
-    rows = [evaluate_row("teacher", teacher.teacher.backbone, data, *run)]
+    rows = [dense.result_row("teacher", teacher.teacher.backbone, data, *run, LABELS)]
 
     pl.seed_everything(args.seed, verbose=False)
     scratch = dense.build_model("ibot", args.schedule_steps, steps_per_epoch, STUDENT_KWARGS)
     initial = {k: v.clone() for k, v in scratch.student.backbone.state_dict().items()}
-    rows.append(evaluate_row("random_init", scratch.teacher.backbone, data, 0, 0.0, float("nan")))
-    run = train(scratch, mosaics, sizes, args.budget_cpu_s, args.schedule_steps, args.seed)
-    rows.append(evaluate_row("scratch", scratch.teacher.backbone, data, *run))
+    untrained = (0, 0.0, float("nan"))
+    rows.append(dense.result_row("random_init", scratch.teacher.backbone, data, *untrained, LABELS))
+    run = dense.train_measured(
+        scratch, mosaics, sizes, args.budget_cpu_s, args.schedule_steps, args.seed
+    )
+    rows.append(dense.result_row("scratch", scratch.teacher.backbone, data, *run, LABELS))
 
     distilled = build_distilled(teacher.teacher.backbone, args.schedule_steps, steps_per_epoch)
     distilled.student.backbone.load_state_dict(initial)  # the scratch student's initial weights
     distilled.ema.backbone.load_state_dict(initial)
-    run = train(
+    run = dense.train_measured(
         distilled, mosaics, sizes, args.budget_cpu_s, args.schedule_steps, args.seed, GLOBAL_ONLY
     )
-    rows.append(evaluate_row("distilled", distilled.ema.backbone, data, *run))
+    rows.append(dense.result_row("distilled", distilled.ema.backbone, data, *run, LABELS))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "dense_distill.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(markdown_table(rows))
+    dense.write_csv(rows, args.out / "dense_distill.csv")
+    print(dense.markdown_table(rows, LABELS))
     return rows
 
 

@@ -68,14 +68,14 @@ def test_quick_distillation_benchmark_starts_both_students_from_the_same_weights
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     starts = []
-    original = module.train
+    original = module.dense.train_measured
 
     def recording_train(model, *args, **kwargs):
         student = getattr(model, "ema", None) or model.student
         starts.append({k: v.clone() for k, v in student.backbone.state_dict().items()})
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(module, "train", recording_train)
+    monkeypatch.setattr(module.dense, "train_measured", recording_train)
     rows = module.main(["--quick", "--out", str(tmp_path)])
     assert [r["variant"] for r in rows] == ["teacher", "random_init", "scratch", "distilled"]
     scratch, distilled = starts[1], starts[2]
