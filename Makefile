@@ -1,5 +1,6 @@
 # lightning_dino: `make quickstart` trains on Fashion-MNIST and prints the k-NN accuracy;
-# `make test` runs the linter and the test suite; `make docs` builds the documentation site.
+# `make test` gets Fashion-MNIST (some tests train on it), runs the linter and the test suite;
+# `make docs` builds the documentation site.
 # All create .venv when it is missing.
 
 VENV ?= .venv
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(PY) -m ruff check .
 
-test: venv lint
+test: venv fashion-mnist lint
 	$(PY) -m pytest -q
 
 # The documentation site (docs/ and the docstrings) into site/; --strict fails on any warning,
