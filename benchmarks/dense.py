@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dino import DINO
 from lightning_dino.data.batched import BatchedMultiCropTransform
-from lightning_dino.data.datasets import load_fashion_mnist
+from lightning_dino.data.builtin_datasets import load_fashion_mnist
 from lightning_dino.eval.knn import knn_accuracy
 from lightning_dino.networks.backbones import vit_tokens
 

@@ -65,8 +65,8 @@ from lightning_dino.data import (
     load_image,
 )
 from lightning_dino.data import batched as batched_module
-from lightning_dino.data.datasets import IMG_EXTENSIONS
-from lightning_dino.io.prepare import plan_splits, scan_layout
+from lightning_dino.data.image_folders import IMG_EXTENSIONS
+from lightning_dino.data.prepared.writer import plan_splits, scan_layout
 
 N_LOCAL_CROPS = 8
 PIPELINES = ("decode", "ref", "per_sample", "batched", "device_cpu", "streaming")

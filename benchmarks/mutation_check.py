@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = [
     "tests/test_reference_parity.py",
-    "tests/training/test_training_teacher.py",
+    "tests/training/test_training_ema.py",
     "tests/test_dino.py",
     "tests/losses/test_losses_dino.py",
 ]
@@ -52,13 +52,13 @@ class Bug:
 BUGS: dict[str, Bug] = {
     "ema_removed": Bug(
         "(a) teacher EMA removed (TeacherEMA never calls ema_update)",
-        "lightning_dino/training/teacher.py",
+        "lightning_dino/training/ema.py",
         "        ema_update(target, pl_module.student, m)\n",
         "        pass  # planted bug: no EMA\n",
     ),
     "momentum_off_by_one": Bug(
         "(b) teacher momentum indexed by step instead of step - 1",
-        "lightning_dino/training/teacher.py",
+        "lightning_dino/training/ema.py",
         "m = self.momentum(step - 1, self._total_steps)",
         "m = self.momentum(step, self._total_steps)",
     ),

@@ -30,8 +30,8 @@ from throughput import CropData, autocast_for, random_crops, read_config
 
 from lightning_dino import DINO
 from lightning_dino.eval.diagnostics import collapse_statistics, teacher_entropy_ratio
+from lightning_dino.training.ema import ema_update
 from lightning_dino.training.optimization import clip_gradients_per_tensor, parameter_groups
-from lightning_dino.training.teacher import ema_update
 
 REGIONS = [
     "teacher forward",

@@ -56,8 +56,8 @@ from lightning_dino.data import MultiCropDataModule
 from lightning_dino.dino import DINO
 from lightning_dino.losses.dino import DINOLoss
 from lightning_dino.networks.backbones import MultiCropNetwork
+from lightning_dino.training.ema import ema_update
 from lightning_dino.training.optimization import clip_gradients_per_tensor, parameter_groups
-from lightning_dino.training.teacher import ema_update
 
 _MOMENTUM = 0.996
 _TEACHER_TEMP = 0.04

@@ -26,10 +26,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_dino.data import MultiCropDataModule
 from lightning_dino.dino import DINO
 from lightning_dino.io.export import UnreadableCheckpointError, read_checkpoint
-from lightning_dino.naming import cli_flags
 from lightning_dino.recipes import resolve_config, resolve_config_args
+from lightning_dino.setting_names import cli_flags
 from lightning_dino.training.checkpointing import DINOCheckpoint
 from lightning_dino.training.resume import (
+    STRUCTURAL_KEYS,
     ResumeError,
     hyperparameter_changes,
     structural_change_message,
@@ -39,10 +40,10 @@ from lightning_dino.version import __version__
 # Tool name -> "module:function"; imported only when the tool runs.
 TOOLS: dict[str, str] = {
     **{
-        name: f"lightning_dino.tools:{name}"
+        name: f"lightning_dino.commands:{name}"
         for name in ("export", "embed", "knn", "probe", "attention")
     },
-    "prepare": "lightning_dino.io.prepare:prepare_streaming_dataset",
+    "prepare": "lightning_dino.data.prepared.writer:prepare_streaming_dataset",
     "configs": "lightning_dino.recipes:configs",
 }
 
@@ -94,7 +95,9 @@ class DINOCLI(LightningCLI):
         model = config[subcommand].model
         current = model.init_args if "init_args" in model else model  # a class_path config
         changes = hyperparameter_changes(saved, current.as_dict())
-        message = structural_change_message(changes, ckpt_path)
+        method = _import_class(model.class_path) if "class_path" in model else DINO
+        keys = (*STRUCTURAL_KEYS, *getattr(method, "structural_keys", ()))
+        message = structural_change_message(changes, ckpt_path, keys, method)
         if message:  # before any data or network is built
             raise ResumeError(message)
         self.config = config
@@ -144,7 +147,8 @@ def train(args: ArgsType = None, run: bool = True) -> DINOCLI:
         The CLI object (``cli.model``, ``cli.datamodule``, ``cli.trainer``).
 
     Messages raised while parsing and running name settings as flags (``--model.lr``); what
-    runs after ``run=False`` returns names them the Python way (:mod:`lightning_dino.naming`).
+    runs after ``run=False`` returns names them the Python way
+    (:mod:`lightning_dino.setting_names`).
     """
     if isinstance(args, list | tuple):
         args = resolve_config_args(list(args))
@@ -296,3 +300,9 @@ def main(args: ArgsType = None) -> None:
         train(None if args is None else argv)
     except (UnreadableCheckpointError, ResumeError) as error:
         sys.exit(f"lightning-dino: error: {error}")
+
+
+def _import_class(class_path: str) -> type:
+    """The class a config's ``class_path`` names (``lightning_dino.Distillation``)."""
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)

@@ -12,7 +12,7 @@ import pytest
 import lightning_dino
 from lightning_dino import recipes
 from lightning_dino.cli import main
-from lightning_dino.optional import EXTRAS, MissingExtraError, require
+from lightning_dino.extras import EXTRAS, MissingExtraError, require
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_the_dev_extra_pulls_every_other_extra():
 
 
 # Modules that import an extra at their top: only imported inside functions, after require().
-EXTRA_ONLY_MODULES = {"lightning_dino.data.prepared_split"}
+EXTRA_ONLY_MODULES = {"lightning_dino.data.prepared.split"}
 
 
 def test_optional_modules_are_imported_only_through_require():

@@ -1,19 +1,22 @@
-"""Data for DINO: multi-crop augmentation, datasets and the Lightning data module."""
+"""Data for DINO: crop settings, multi-crop augmentation, datasets and the Lightning data module."""
 
 from lightning_dino.data.batched import BatchedMultiCropTransform
-from lightning_dino.data.datamodule import MultiCropDataModule
-from lightning_dino.data.datasets import (
-    IMG_EXTENSIONS,
-    UNLABELED,
-    ImageFolderDataset,
+from lightning_dino.data.builtin_datasets import (
     TensorImageDataset,
     TransformDataset,
     load_fashion_mnist,
-    load_image,
     make_synthetic_images,
     torchvision_dataset,
 )
-from lightning_dino.data.streaming import PreparedDataset, StreamingImages, decode_image
+from lightning_dino.data.crops import CropSettings
+from lightning_dino.data.datamodule import MultiCropDataModule
+from lightning_dino.data.image_folders import (
+    IMG_EXTENSIONS,
+    UNLABELED,
+    ImageFolderDataset,
+    load_image,
+)
+from lightning_dino.data.prepared.streaming import PreparedDataset, StreamingImages, decode_image
 from lightning_dino.data.transforms import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -31,6 +34,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "UNLABELED",
     "BatchedMultiCropTransform",
+    "CropSettings",
     "EvalTransform",
     "ImageFolderDataset",
     "MultiCropDataModule",

@@ -44,11 +44,9 @@ from lightning_dino.data.color import (
     adjust_saturation,
     grayscale,
 )
+from lightning_dino.data.crops import crop_settings
 from lightning_dino.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SOLARIZE_THRESHOLD,
-    MultiCropTransform,
     blur_kernel_size,
     to_uint8_tensor,
 )
@@ -159,31 +157,20 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -
 class BatchedMultiCropTransform:
     """DINO multi-crop augmentation of a uint8 batch, with per-sample random parameters.
 
-    Takes the same arguments as :class:`MultiCropTransform` (and checks them the same way) and
-    draws from the same distributions: global view 1 is blurred with ``blur_p[0]``, global views
+    Takes the same settings as :class:`MultiCropTransform` (one
+    :class:`~lightning_dino.data.crops.CropSettings`, checked once) and draws from the same
+    distributions: global view 1 is blurred with ``blur_p[0]``, global views
     2+ with ``blur_p[1]`` and solarised with ``solarize_p``, local views blurred with
     ``blur_p[2]``; every view gets an independent crop, flip, colour jitter and grayscale draw.
     See the module docstring for the one deviation (no uint8 rounding between steps).
 
     Args:
-        global_crop_size: Output side of global crops, in pixels.
-        local_crop_size: Output side of local crops, in pixels.
-        n_local_crops: Number of local crops (0 disables multi-crop).
-        global_crop_scale: (min, max) fraction of the image area a global crop covers.
-        local_crop_scale: (min, max) fraction of the image area a local crop covers.
-        n_global_crops: Number of global crops.
-        hflip_p: Probability of a horizontal flip.
-        color_jitter: (brightness, contrast, saturation, hue) strengths.
-        color_jitter_p: Probability of applying the colour jitter.
-        grayscale_p: Probability of converting a view to grayscale.
-        blur_p: Blur probability for (global view 1, other global views, local views).
-        blur_sigma: (min, max) of the uniformly sampled blur sigma, in pixels of the crop.
-        solarize_p: Probability of solarising global views 2+.
-        mean: Per-channel normalisation mean, for images in [0, 1].
-        std: Per-channel normalisation std, for images in [0, 1].
+        *settings: One :class:`~lightning_dino.data.crops.CropSettings`, or its settings in
+            their order (``global_crop_size``, ``local_crop_size``, ``n_local_crops``...).
+        **overrides: Settings by name (see ``CropSettings`` for each one and its default).
 
     Raises:
-        ValueError: If an argument is out of range; the message starts with its name.
+        ValueError: If a setting is out of range; the message starts with its name.
 
     Examples:
         >>> transform = BatchedMultiCropTransform(global_crop_size=32, local_crop_size=16)
@@ -192,45 +179,11 @@ class BatchedMultiCropTransform:
         (10, (4, 3, 32, 32), (4, 3, 16, 16))
     """
 
-    def __init__(
-        self,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        n_local_crops: int = 8,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
-        n_global_crops: int = 2,
-        hflip_p: float = 0.5,
-        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-        color_jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        solarize_p: float = 0.2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        settings: dict[str, Any] = {
-            "global_crop_size": global_crop_size,
-            "local_crop_size": local_crop_size,
-            "n_local_crops": n_local_crops,
-            "global_crop_scale": tuple(global_crop_scale),
-            "local_crop_scale": tuple(local_crop_scale),
-            "n_global_crops": n_global_crops,
-            "hflip_p": hflip_p,
-            "color_jitter": tuple(color_jitter),
-            "color_jitter_p": color_jitter_p,
-            "grayscale_p": grayscale_p,
-            "blur_p": tuple(blur_p),
-            "blur_sigma": tuple(blur_sigma),
-            "solarize_p": solarize_p,
-            "mean": tuple(mean),
-            "std": tuple(std),
-        }
-        MultiCropTransform(**settings)  # the same checks and messages as the per-sample path
-        self.settings = settings
-        self.n_global_crops = n_global_crops
-        self.n_local_crops = n_local_crops
+    def __init__(self, *settings: Any, **overrides: Any) -> None:
+        self.crops = crop_settings(*settings, **overrides)
+        self.settings: dict[str, Any] = self.crops.as_dict()
+        self.n_global_crops = self.crops.n_global_crops
+        self.n_local_crops = self.crops.n_local_crops
 
     @property
     def n_crops(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Literal, get_args
 
@@ -11,30 +10,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_dino.data.batched import BatchedMultiCropTransform, collate_images
-from lightning_dino.data.datasets import (
-    ImageFolderDataset,
+from lightning_dino.data.builtin_datasets import (
     TensorImageDataset,
     TransformDataset,
     load_fashion_mnist,
     make_synthetic_images,
     torchvision_dataset,
 )
-from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader
-from lightning_dino.data.streaming import PreparedDataset, prepare_command, streaming_loader
+from lightning_dino.data.crops import CROP_SETTINGS, DEFAULT_CROPS, crop_settings
+from lightning_dino.data.image_folders import SPLIT_SEED, ImageFolderDataset, hold_out
+from lightning_dino.data.prepared.streaming import (
+    PreparedDataset,
+    prepare_command,
+    streaming_loader,
+)
+from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader, available_cpus
 from lightning_dino.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EvalTransform,
     MultiCropTransform,
     min_decode_pixels,
     to_uint8_tensor,
 )
-from lightning_dino.naming import setting
+from lightning_dino.setting_names import setting
 
 DatasetName = Literal["folder", "streaming", "fashion_mnist", "cifar10", "stl10", "synthetic"]
 
 _MAX_DEFAULT_WORKERS = 8
-_SPLIT_SEED = 0  # fixes the folder hold-out and the ``subset`` draw
 _NEEDS_DATA_DIR = ("folder", "streaming", "cifar10", "stl10")
 _DATA_DIR_KIND = {
     "folder": "image folder",
@@ -42,25 +43,7 @@ _DATA_DIR_KIND = {
 }
 _DOWNLOADABLE = ("fashion_mnist", "cifar10", "stl10")
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "stl10": 10}
-# The multi-crop arguments, shared by MultiCropTransform and BatchedMultiCropTransform.
 _AUGMENTATIONS = ("auto", "per_sample", "batched", "device")
-_CROP_KEYS = (
-    "global_crop_size",
-    "local_crop_size",
-    "n_local_crops",
-    "global_crop_scale",
-    "local_crop_scale",
-    "n_global_crops",
-    "hflip_p",
-    "color_jitter",
-    "color_jitter_p",
-    "grayscale_p",
-    "blur_p",
-    "blur_sigma",
-    "solarize_p",
-    "mean",
-    "std",
-)
 
 
 class MultiCropDataModule(pl.LightningDataModule):
@@ -87,9 +70,10 @@ class MultiCropDataModule(pl.LightningDataModule):
       is used for training and k-NN train. A folder without class subfolders has no k-NN
       data.
     * ``streaming``: a folder prepared once by ``lightning-dino prepare`` (see
-      :mod:`lightning_dino.data.streaming`), streamed with LitData: its ``train`` split / the
-      labelled images of ``train`` / its ``val`` split, which ``prepare`` made like ``folder``
-      makes its splits (its ``--val_fraction``; ``--data.val_fraction`` does not apply).
+      :mod:`lightning_dino.data.prepared.streaming`), streamed with LitData: its ``train``
+      split / the labelled images of ``train`` / its ``val`` split, which ``prepare`` made
+      like ``folder`` makes its splits (its ``--val_fraction``; ``--data.val_fraction`` does
+      not apply).
       LitData shuffles and shards the training images over processes and workers, and the
       loader's position is saved in checkpoints, so a resumed run continues mid-epoch.
 
@@ -105,23 +89,24 @@ class MultiCropDataModule(pl.LightningDataModule):
         pin_memory: Pin host memory for faster GPU copies; None pins when CUDA is available.
         download: Download ``fashion_mnist``, ``cifar10`` or ``stl10`` into ``data_dir`` if
             missing.
-        global_crop_size: Side of global crops, in pixels.
-        local_crop_size: Side of local crops, in pixels.
-        n_local_crops: Number of local crops per image (0 disables multi-crop).
-        global_crop_scale: (min, max) area fraction of global crops.
-        local_crop_scale: (min, max) area fraction of local crops.
-        n_global_crops: Number of global crops per image.
-        hflip_p: Horizontal flip probability.
-        color_jitter: (brightness, contrast, saturation, hue) jitter strengths.
-        color_jitter_p: Probability of colour jitter.
-        grayscale_p: Probability of grayscale conversion.
-        blur_p: Gaussian blur probability for (global 1, global 2+, local) crops.
-        blur_sigma: (min, max) blur sigma in pixels of the crop.
-        solarize_p: Solarisation probability of global crops 2+.
-        mean: Normalisation mean per channel. The default is ImageNet's; Fashion-MNIST
-            configs should pass (0.286, 0.286, 0.286).
-        std: Normalisation std per channel. The default is ImageNet's; Fashion-MNIST
-            configs should pass (0.353, 0.353, 0.353).
+        global_crop_size: The crop settings, ``global_crop_size`` to ``std``: see
+            :class:`~lightning_dino.data.crops.CropSettings` for each one and its default (the
+            reference's). ``mean`` and ``std`` are ImageNet's by default; Fashion-MNIST configs
+            pass (0.286, 0.286, 0.286) and (0.353, 0.353, 0.353).
+        local_crop_size: See ``CropSettings``.
+        n_local_crops: See ``CropSettings``.
+        global_crop_scale: See ``CropSettings``.
+        local_crop_scale: See ``CropSettings``.
+        n_global_crops: See ``CropSettings``.
+        hflip_p: See ``CropSettings``.
+        color_jitter: See ``CropSettings``.
+        color_jitter_p: See ``CropSettings``.
+        grayscale_p: See ``CropSettings``.
+        blur_p: See ``CropSettings``.
+        blur_sigma: See ``CropSettings``.
+        solarize_p: See ``CropSettings``.
+        mean: See ``CropSettings``.
+        std: See ``CropSettings``.
         eval_size: Side of k-NN images; None uses ``global_crop_size``.
         eval_resize: Shorter side before the k-NN center crop; None uses
             ``round(eval_size / 0.875)``; equal to ``eval_size`` to skip cropping.
@@ -151,7 +136,7 @@ class MultiCropDataModule(pl.LightningDataModule):
 
     Raises:
         ValueError: If an argument is invalid; the message names it
-            (:func:`~lightning_dino.naming.setting`).
+            (:func:`~lightning_dino.setting_names.setting`).
     """
 
     def __init__(
@@ -162,21 +147,21 @@ class MultiCropDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         download: bool = False,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        n_local_crops: int = 8,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
-        n_global_crops: int = 2,
-        hflip_p: float = 0.5,
-        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-        color_jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        solarize_p: float = 0.2,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        global_crop_size: int = DEFAULT_CROPS.global_crop_size,
+        local_crop_size: int = DEFAULT_CROPS.local_crop_size,
+        n_local_crops: int = DEFAULT_CROPS.n_local_crops,
+        global_crop_scale: tuple[float, float] = DEFAULT_CROPS.global_crop_scale,
+        local_crop_scale: tuple[float, float] = DEFAULT_CROPS.local_crop_scale,
+        n_global_crops: int = DEFAULT_CROPS.n_global_crops,
+        hflip_p: float = DEFAULT_CROPS.hflip_p,
+        color_jitter: tuple[float, float, float, float] = DEFAULT_CROPS.color_jitter,
+        color_jitter_p: float = DEFAULT_CROPS.color_jitter_p,
+        grayscale_p: float = DEFAULT_CROPS.grayscale_p,
+        blur_p: tuple[float, float, float] = DEFAULT_CROPS.blur_p,
+        blur_sigma: tuple[float, float] = DEFAULT_CROPS.blur_sigma,
+        solarize_p: float = DEFAULT_CROPS.solarize_p,
+        mean: tuple[float, float, float] = DEFAULT_CROPS.mean,
+        std: tuple[float, float, float] = DEFAULT_CROPS.std,
         eval_size: int | None = None,
         eval_resize: int | None = None,
         eval_batch_size: int | None = None,
@@ -193,31 +178,16 @@ class MultiCropDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self._check_arguments()
         try:
-            self.train_transform = MultiCropTransform(
-                global_crop_size=global_crop_size,
-                local_crop_size=local_crop_size,
-                n_local_crops=n_local_crops,
-                global_crop_scale=global_crop_scale,
-                local_crop_scale=local_crop_scale,
-                n_global_crops=n_global_crops,
-                hflip_p=hflip_p,
-                color_jitter=color_jitter,
-                color_jitter_p=color_jitter_p,
-                grayscale_p=grayscale_p,
-                blur_p=blur_p,
-                blur_sigma=blur_sigma,
-                solarize_p=solarize_p,
-                mean=mean,
-                std=std,
-            )
+            self.crops = crop_settings(**{key: self.hparams[key] for key in CROP_SETTINGS})
         except ValueError as err:  # messages start with the argument's name
             name, problem = str(err).split(" ", 1)
             raise ValueError(f"{setting('data', name)} {problem}") from err
+        self.train_transform = MultiCropTransform(self.crops)
         self.eval_transform = EvalTransform(
             eval_size or global_crop_size, eval_resize, mean=mean, std=std
         )
         self.batched_transform = (
-            BatchedMultiCropTransform(**{key: self.hparams[key] for key in _CROP_KEYS})
+            BatchedMultiCropTransform(self.crops)
             if augmentation != "per_sample"
             else None
         )
@@ -440,7 +410,7 @@ class MultiCropDataModule(pl.LightningDataModule):
             val_labelled = [i for i, label in enumerate(val.labels) if label >= 0]
             knn_val = Subset(val, val_labelled) if val_labelled else None
             return data, Subset(data, labelled), knn_val
-        held_out = set(_hold_out(labelled, self.hparams.val_fraction))
+        held_out = set(hold_out(labelled, self.hparams.val_fraction))
         train = Subset(data, [i for i in range(len(data)) if i not in held_out])
         knn_train = Subset(data, [i for i in labelled if i not in held_out])
         knn_val = Subset(data, sorted(held_out)) if held_out else None
@@ -459,7 +429,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         limit, size = self.hparams.subset, len(dataset)  # type: ignore[arg-type]
         if limit is None or limit >= size:
             return dataset
-        generator = torch.Generator().manual_seed(_SPLIT_SEED)
+        generator = torch.Generator().manual_seed(SPLIT_SEED)
         return Subset(dataset, sorted(torch.randperm(size, generator=generator)[:limit].tolist()))
 
     def _check_batch_size(self, n_images: int) -> None:
@@ -566,7 +536,7 @@ class MultiCropDataModule(pl.LightningDataModule):
         if self.hparams.num_workers is not None:
             return self.hparams.num_workers
         devices = self.trainer.num_devices if self.trainer is not None else 1
-        return min(max(_available_cpus() // devices, 1), _MAX_DEFAULT_WORKERS)
+        return min(max(available_cpus() // devices, 1), _MAX_DEFAULT_WORKERS)
 
     def _pin_memory(self) -> bool:
         pin = self.hparams.pin_memory
@@ -598,19 +568,3 @@ class MultiCropDataModule(pl.LightningDataModule):
                 size = "no" if dataset is None else len(dataset)  # type: ignore[arg-type]
             lines.append(f"{name}: {size} images")
         return "\n".join(lines)
-
-
-def _hold_out(indices: list[int], fraction: float) -> list[int]:
-    """A fixed random ``ceil(fraction * n)`` of ``indices``, leaving at least one out."""
-    if fraction == 0:
-        return []
-    count = min(math.ceil(fraction * len(indices)), len(indices) - 1)
-    generator = torch.Generator().manual_seed(_SPLIT_SEED)
-    order = torch.randperm(len(indices), generator=generator)[:count].tolist()
-    return [indices[i] for i in order]
-
-
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1

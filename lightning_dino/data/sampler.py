@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_dino.naming import setting
 from lightning_dino.seeding import rank_seed
+from lightning_dino.setting_names import setting
 
 _STATE_VERSION = 1
 
@@ -265,3 +265,10 @@ class _CountingIterator(Iterator[Any]):
 
     def __len__(self) -> int:
         return len(self._loader)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity), the default workers' budget."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

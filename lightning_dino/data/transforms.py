@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +27,13 @@ from torchvision.transforms.v2 import functional as F
 
 from lightning_dino.data.blur import SeparableGaussianBlur
 from lightning_dino.data.color import FastColorJitter
+from lightning_dino.data.crops import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_normalisation,
+    crop_settings,
+)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN: tuple[float, float, float] = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD: tuple[float, float, float] = (0.3530, 0.3530, 0.3530)
 
@@ -171,25 +176,13 @@ class MultiCropTransform:
     ``solarize_p``; local views use ``blur_p[2]``. Defaults are the reference's.
 
     Args:
-        global_crop_size: Output side of global crops, in pixels.
-        local_crop_size: Output side of local crops, in pixels.
-        n_local_crops: Number of local crops (0 disables multi-crop).
-        global_crop_scale: (min, max) fraction of the image area a global crop covers.
-        local_crop_scale: (min, max) fraction of the image area a local crop covers.
-        n_global_crops: Number of global crops (the reference uses 2).
-        hflip_p: Probability of a horizontal flip.
-        color_jitter: (brightness, contrast, saturation, hue) strengths of ``ColorJitter``.
-        color_jitter_p: Probability of applying the colour jitter.
-        grayscale_p: Probability of converting a view to grayscale.
-        blur_p: Blur probability for (global view 1, other global views, local views).
-        blur_sigma: (min, max) of the uniformly sampled blur sigma, in pixels of the crop.
-            The kernel size is :func:`blur_kernel_size`.
-        solarize_p: Probability of solarising (threshold 128 of 255) global views 2+.
-        mean: Per-channel normalisation mean, for images in [0, 1].
-        std: Per-channel normalisation std, for images in [0, 1].
+        *settings: One :class:`~lightning_dino.data.crops.CropSettings`, or its settings in
+            their order (``global_crop_size``, ``local_crop_size``, ``n_local_crops``...).
+        **overrides: Settings by name (see ``CropSettings`` for each one and its default).
+            The blur kernel size is :func:`blur_kernel_size`; solarisation uses threshold 128.
 
     Raises:
-        ValueError: If an argument is out of range; the message starts with its name.
+        ValueError: If a setting is out of range; the message starts with its name.
 
     Examples:
         >>> transform = MultiCropTransform(global_crop_size=32, local_crop_size=16)
@@ -198,63 +191,20 @@ class MultiCropTransform:
         (10, (3, 32, 32), (3, 16, 16))
     """
 
-    def __init__(
-        self,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        n_local_crops: int = 8,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
-        n_global_crops: int = 2,
-        hflip_p: float = 0.5,
-        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-        color_jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        solarize_p: float = 0.2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        _check_min("global_crop_size", global_crop_size, 1)
-        _check_min("local_crop_size", local_crop_size, 1)
-        _check_min("n_global_crops", n_global_crops, 1)
-        _check_min("n_local_crops", n_local_crops, 0)
-        _check_range("global_crop_scale", global_crop_scale)
-        _check_range("local_crop_scale", local_crop_scale)
-        _check_color_jitter(color_jitter)
-        for name, p in [
-            ("hflip_p", hflip_p),
-            ("color_jitter_p", color_jitter_p),
-            ("grayscale_p", grayscale_p),
-            ("solarize_p", solarize_p),
-        ]:
-            _check_probability(name, p)
-        _check_length("blur_p", blur_p, 3)
-        for p in blur_p:
-            _check_probability("blur_p", p)
-        _check_length("blur_sigma", blur_sigma, 2)
-        if not 0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {blur_sigma}")
-        _check_normalisation(mean, std)
-
-        self.n_global_crops = n_global_crops
-        self.n_local_crops = n_local_crops
-        self._hflip_p = hflip_p
-        self._color_jitter = color_jitter
-        self._color_jitter_p = color_jitter_p
-        self._grayscale_p = grayscale_p
-        self._blur_sigma = blur_sigma
-        self._mean = list(mean)
-        self._std = list(std)
+    def __init__(self, *settings: Any, **overrides: Any) -> None:
+        crops = crop_settings(*settings, **overrides)
+        self.crops = crops
+        self.n_global_crops = crops.n_global_crops
+        self.n_local_crops = crops.n_local_crops
+        size, scale = crops.global_crop_size, crops.global_crop_scale
         self.global_transforms: list[v2.Compose] = [
-            self._view_transform(global_crop_size, global_crop_scale, blur_p[0], 0.0)
+            self._view_transform(size, scale, crops.blur_p[0], 0.0)
         ] + [
-            self._view_transform(global_crop_size, global_crop_scale, blur_p[1], solarize_p)
-            for _ in range(n_global_crops - 1)
+            self._view_transform(size, scale, crops.blur_p[1], crops.solarize_p)
+            for _ in range(crops.n_global_crops - 1)
         ]
         self.local_transform: v2.Compose = self._view_transform(
-            local_crop_size, local_crop_scale, blur_p[2], 0.0
+            crops.local_crop_size, crops.local_crop_scale, crops.blur_p[2], 0.0
         )
 
     @property
@@ -294,25 +244,26 @@ class MultiCropTransform:
         self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
     ) -> v2.Compose:
         """Build one view's pipeline on a uint8 (C, H, W) image, C in {1, 3}."""
+        crops = self.crops
         steps: list[v2.Transform] = [
             v2.RandomResizedCrop(
                 size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
             ),
-            v2.RandomHorizontalFlip(p=self._hflip_p),
+            v2.RandomHorizontalFlip(p=crops.hflip_p),
         ]
-        if any(self._color_jitter) and self._color_jitter_p > 0:
+        if any(crops.color_jitter) and crops.color_jitter_p > 0:
             steps.append(
-                v2.RandomApply([FastColorJitter(*self._color_jitter)], p=self._color_jitter_p)
+                v2.RandomApply([FastColorJitter(*crops.color_jitter)], p=crops.color_jitter_p)
             )
-        if self._grayscale_p > 0:
-            steps.append(v2.RandomGrayscale(p=self._grayscale_p))
+        if crops.grayscale_p > 0:
+            steps.append(v2.RandomGrayscale(p=crops.grayscale_p))
         if blur_p > 0:
-            kernel = blur_kernel_size(size, self._blur_sigma[1])
-            blur = SeparableGaussianBlur(kernel_size=kernel, sigma=self._blur_sigma)
+            kernel = blur_kernel_size(size, crops.blur_sigma[1])
+            blur = SeparableGaussianBlur(kernel_size=kernel, sigma=crops.blur_sigma)
             steps.append(v2.RandomApply([blur], p=blur_p))
         if solarize_p > 0:
             steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
-        steps += _to_normalised_float(self._mean, self._std)
+        steps += _to_normalised_float(list(crops.mean), list(crops.std))
         return v2.Compose(steps)
 
 
@@ -346,11 +297,12 @@ class EvalTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        _check_min("size", size, 1)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         resize = round(size / 0.875) if resize is None else resize
         if resize < size:
             raise ValueError(f"resize must be >= size ({size}), got {resize}")
-        _check_normalisation(mean, std)
+        check_normalisation(mean, std)
         self.size = size
         self.resize = resize
         self.mean, self.std = tuple(mean), tuple(std)
@@ -384,40 +336,3 @@ def _to_normalised_float(mean: list[float], std: list[float]) -> list[v2.Transfo
         v2.Lambda(_expand_to_rgb),
         v2.Normalize(mean=mean, std=std),
     ]
-
-
-def _check_min(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_length(name: str, value: Sequence[float], length: int) -> None:
-    if len(value) != length:
-        raise ValueError(f"{name} must have {length} values, got {tuple(value)}")
-
-
-def _check_probability(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be probabilities in [0, 1], got {p}")
-
-
-def _check_range(name: str, scale: Sequence[float]) -> None:
-    _check_length(name, scale, 2)
-    if not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
-
-
-def _check_color_jitter(color_jitter: Sequence[float]) -> None:
-    _check_length("color_jitter", color_jitter, 4)
-    if min(color_jitter) < 0 or color_jitter[3] > 0.5:
-        raise ValueError(
-            "color_jitter must be (brightness, contrast, saturation, hue) with all >= 0 and "
-            f"hue <= 0.5, got {tuple(color_jitter)}"
-        )
-
-
-def _check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
-    _check_length("mean", mean, 3)
-    _check_length("std", std, 3)
-    if min(std) <= 0:
-        raise ValueError(f"std must be > 0 for every channel, got {tuple(std)}")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from lightning_dino.eval.knn import evaluated_backbone
-from lightning_dino.optional import require
+from lightning_dino.extras import require
 
 _PURPOSE = "Attention images (AttentionMapMonitor, lightning-dino attention)"
 

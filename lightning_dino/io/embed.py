@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lightning_dino.data.datasets import find_image_files, load_image
-from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from lightning_dino.data.crops import IMAGENET_MEAN, IMAGENET_STD
+from lightning_dino.data.image_folders import find_image_files, load_image
+from lightning_dino.data.transforms import EvalTransform
 from lightning_dino.io.export import CONFIG_NAME, eval_preprocessing, load_backbone, read_checkpoint
 
 EMBEDDINGS_KEY = "embeddings"

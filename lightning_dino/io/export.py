@@ -50,13 +50,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lightning_dino.naming import setting, using_cli
+from lightning_dino.data.crops import IMAGENET_MEAN, IMAGENET_STD
 from lightning_dino.networks.backbones import (
     create_timm_backbone,
     feature_grid_of,
     use_grid_pooling,
 )
+from lightning_dino.setting_names import setting, using_cli
 from lightning_dino.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
@@ -245,15 +245,32 @@ def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str
 def default_network(ckpt: dict[str, Any]) -> Which:
     """The network a checkpoint evaluates and exports by default.
 
+    Checkpoints record it (``evaluated_network``, written by the method base); for older ones
+    it is read from the state dict's keys.
+
     Args:
         ckpt: A checkpoint dictionary from :func:`read_checkpoint`.
 
     Returns:
-        ``"ema"`` for a :class:`~lightning_dino.Distillation` checkpoint (the EMA of its
-        student), ``"teacher"`` for a DINO checkpoint.
+        The recorded network; for an older checkpoint ``"ema"`` when it holds a student EMA (a
+        :class:`~lightning_dino.Distillation` checkpoint), else ``"teacher"`` (DINO's).
     """
+    recorded = ckpt.get("evaluated_network")
+    if isinstance(recorded, str):
+        return recorded
     distilled = any(key.startswith("ema.backbone.") for key in ckpt["state_dict"])
     return "ema" if distilled else "teacher"
+
+
+def frozen_networks(ckpt: dict[str, Any]) -> list[str]:
+    """The networks of a checkpoint that never trained (a distillation run's teacher).
+
+    Recorded by the method base; for an older checkpoint, the teacher of a distillation run.
+    """
+    recorded = ckpt.get("frozen_networks")
+    if isinstance(recorded, list):
+        return [str(name) for name in recorded]
+    return ["teacher"] if default_network(ckpt) == "ema" else []
 
 
 def backbone_state_dict(
@@ -275,11 +292,12 @@ def backbone_state_dict(
     """
     if which not in ("teacher", "student", "ema"):
         raise ValueError(f"which must be 'teacher', 'student' or 'ema', got {which!r}")
-    if which == "teacher" and default_network(ckpt) == "ema":
+    if which in frozen_networks(ckpt):
+        evaluated = default_network(ckpt)
         raise ValueError(
-            f"{source} is a distillation checkpoint: its teacher is the frozen network it was "
-            f"distilled from, not the one it trained; use {setting('export', 'which', 'ema')} "
-            "(the default) or 'student'"
+            f"{source} was trained against a frozen {which}: it is the network the run learned "
+            f"from, not one it trained; use {setting('export', 'which', evaluated)} (the "
+            "default) or 'student'"
         )
     prefix = f"{which}.backbone."
     state = ckpt["state_dict"]

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dino.losses.precision import full_precision
-from lightning_dino.losses.term import LossTerm
-from lightning_dino.naming import setting
+from lightning_dino.losses.term import Check, LossTerm
 from lightning_dino.networks.backbones import MultiCropNetwork, is_vit, vit_tokens
 from lightning_dino.networks.forward import TOKENS, StepOutputs
+from lightning_dino.setting_names import setting
 
 
 class GramLoss(nn.Module):
@@ -78,6 +78,18 @@ class GramTerm(LossTerm):
     global crops resized to that size and its patch features are resized back to the student's
     patch grid, as DINOv3 gives its Gram teacher higher-resolution crops.
 
+    Arguments of :class:`~lightning_dino.DINO` (``--model.*``), each the argument below without
+    its ``gram_`` prefix:
+
+    - ``gram_loss_weight``: the weight (0 = off). Needs a ViT backbone (patch tokens).
+    - ``gram_start_step``: the optimizer step at which the Gram teacher is taken and the loss
+      starts (DINOv3 starts late in a long run); a start at or past the run's end warns.
+    - ``gram_update_every``, ``gram_max_updates``: refreshes after the start (0: never; 0: no
+      limit, DINOv3's ``max_updates``).
+    - ``gram_remove_negatives``: see :class:`GramLoss` (False anchors negative similarities,
+      as DINOv3's training configs).
+    - ``gram_image_size``: the side of the Gram teacher's input (0: the student's crops).
+
     Args:
         weight: The term's weight.
         teacher_backbone: The EMA teacher's backbone (a timm ViT); copied, not shared.
@@ -107,9 +119,7 @@ class GramTerm(LossTerm):
     ) -> None:
         super().__init__(weight)
         if not is_vit(teacher_backbone):
-            raise ValueError(
-                f"{setting('model', 'gram_loss_weight')} needs a ViT backbone (patch tokens)"
-            )
+            raise ValueError("GramTerm needs a ViT teacher backbone (patch tokens)")
         self.teacher = copy.deepcopy(teacher_backbone).requires_grad_(False)
         self.loss = GramLoss(remove_negatives)
         self.start_step = start_step
@@ -118,10 +128,28 @@ class GramTerm(LossTerm):
         self.image_size = image_size
 
     @classmethod
-    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> GramTerm | None:
-        """On when ``gram_loss_weight`` > 0."""
-        if hparams.gram_loss_weight <= 0:
-            return None
+    def argument_checks(cls, hparams: Any) -> list[Check]:
+        """The weight, start step, refreshes, and the Gram teacher's image size."""
+        return [
+            *super().argument_checks(hparams),
+            (hparams.gram_start_step >= 0, "gram_start_step", "use a step >= 0"),
+            (hparams.gram_update_every >= 0, "gram_update_every", "use 0 (never) or a step count"),
+            (hparams.gram_max_updates >= 0, "gram_max_updates", "use 0 (no limit) or a count"),
+            (hparams.gram_image_size >= 0, "gram_image_size", "use 0 (the crops) or a side"),
+        ]
+
+    @classmethod
+    def check_backbone(cls, backbone: nn.Module, feature_dim: int, owner: object) -> None:
+        """A ViT: the loss compares patch tokens."""
+        if not is_vit(backbone):
+            raise ValueError(
+                f"{setting(owner, 'gram_loss_weight')} needs a ViT backbone (patch tokens), not "
+                f"{type(backbone).__name__}; use a ViT or {setting(owner, 'gram_loss_weight', 0)}"
+            )
+
+    @classmethod
+    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> GramTerm:
+        """The term with its Gram teacher copied from the EMA teacher's backbone."""
         return cls(
             hparams.gram_loss_weight,
             teacher.backbone,
@@ -131,6 +159,29 @@ class GramTerm(LossTerm):
             hparams.gram_remove_negatives,
             hparams.gram_image_size,
         )
+
+    @classmethod
+    def resume_warnings(cls, saved: dict[str, Any], hparams: Any) -> list[str]:
+        """lightning_dino 0.1 zeroed negative similarities; a run resumed today anchors them."""
+        trained_0_1 = saved.get("gram_loss_weight", 0) > 0 and "gram_remove_negatives" not in saved
+        if not trained_0_1 or hparams.get("gram_remove_negatives", True):
+            return []
+        return [
+            "this checkpoint was trained with Gram anchoring by lightning_dino 0.1, which zeroed "
+            "negative patch similarities; this run anchors them (today's default, as DINOv3's "
+            f"configs); pass {setting('model', 'gram_remove_negatives', True)} to continue as "
+            "it was trained"
+        ]
+
+    def schedule_warnings(self, total_steps: int, owner: object) -> list[str]:
+        """A start step at or past the run's end: the run would train without the term."""
+        if self.start_step < total_steps:
+            return []
+        return [
+            f"{setting(owner, 'gram_start_step', self.start_step)} is at or past the run's last "
+            f"step ({total_steps} steps): the run trains without Gram anchoring; start it earlier "
+            "or train longer"
+        ]
 
     def active(self, step: int) -> bool:
         """From ``start_step`` on."""

@@ -12,15 +12,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_dino.losses.center import EMACenter
 from lightning_dino.losses.precision import full_precision
 from lightning_dino.losses.sinkhorn_knopp import sinkhorn_knopp
-from lightning_dino.losses.term import LossTerm
-from lightning_dino.networks.backbones import MultiCropNetwork
+from lightning_dino.losses.term import Check, LossTerm
+from lightning_dino.networks.backbones import MultiCropNetwork, is_vit
 from lightning_dino.networks.forward import MASKS, TOKENS, StepOutputs
+from lightning_dino.networks.head import head_arguments
 from lightning_dino.networks.masking import batch_masks
+from lightning_dino.setting_names import setting
 
 
 class iBOTPatchLoss(EMACenter):
@@ -120,6 +122,20 @@ class iBOTTerm(LossTerm):
     whole. The teacher's patch logits at the masked positions become targets with this term's
     own EMA centre (moved once per optimizer step over the global batch) or by Sinkhorn-Knopp.
 
+    Arguments of :class:`~lightning_dino.DINO` (``--model.*``):
+
+    - ``ibot_loss_weight``: the weight (0 = off; 1.0 in DINOv2). Needs a timm ViT whose features
+      are its tokens (``feature_grid`` 0); both networks get a learned mask token.
+    - ``ibot_mask_ratio``: (min, max) fraction of the patches masked in a masked image.
+    - ``ibot_mask_probability``: fraction of the global crops that are masked.
+    - ``ibot_separate_head``: a separate head for the patch tokens (DINOv2's ViT-L/g recipes);
+      False projects them with the DINO head.
+    - ``ibot_out_dim``, ``ibot_bottleneck_dim``: prototypes and bottleneck of the separate head
+      (0: the DINO head's ``out_dim`` and ``bottleneck_dim``).
+
+    The temperature and centring are the DINO loss's (``student_temp``, ``center_momentum``,
+    ``centering``).
+
     Args:
         weight: The term's weight (1.0 in DINOv2).
         out_dim: Number of prototypes K of the head.
@@ -149,14 +165,62 @@ class iBOTTerm(LossTerm):
         self.mask_ratio = (float(mask_ratio[0]), float(mask_ratio[1]))
         self.mask_probability = mask_probability
 
+    @staticmethod
+    def patch_head_dims(hparams: Any) -> tuple[int, int]:
+        """(prototypes, bottleneck) of the head that projects the patch tokens."""
+        if not hparams.ibot_separate_head:
+            return hparams.out_dim, hparams.bottleneck_dim
+        return (hparams.ibot_out_dim or hparams.out_dim,
+                hparams.ibot_bottleneck_dim or hparams.bottleneck_dim)
+
     @classmethod
-    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> iBOTTerm | None:
-        """On when ``ibot_loss_weight`` > 0, with the DINO loss's temperature and centring."""
-        if hparams.ibot_loss_weight <= 0:
-            return None
+    def argument_checks(cls, hparams: Any) -> list[Check]:
+        """The weight, the mask ratio and probability, and the separate head's sizes."""
+        low, high = hparams.ibot_mask_ratio
+        return [
+            *super().argument_checks(hparams),
+            (0 < low <= high < 1, "ibot_mask_ratio", "use 0 < min <= max < 1 ([0.1, 0.5])"),
+            (0 <= hparams.ibot_mask_probability <= 1, "ibot_mask_probability", "use [0, 1] (0.5)"),
+            (hparams.ibot_out_dim == 0 or hparams.ibot_out_dim >= 2, "ibot_out_dim",
+             "use 0 or >= 2"),
+            (hparams.ibot_bottleneck_dim >= 0, "ibot_bottleneck_dim", "use 0 or a width"),
+        ]
+
+    @classmethod
+    def network_options(cls, hparams: Any) -> dict[str, Any]:
+        """A learned mask token, and the separate patch head with ``ibot_separate_head``."""
+        if not hparams.ibot_separate_head:
+            return {"mask_token": True}
+        out_dim, bottleneck_dim = cls.patch_head_dims(hparams)
+        patch_head = {**head_arguments(hparams), "out_dim": out_dim,
+                      "bottleneck_dim": bottleneck_dim}
+        return {"mask_token": True, "patch_head_kwargs": patch_head}
+
+    @classmethod
+    def check_backbone(cls, backbone: nn.Module, feature_dim: int, owner: object) -> None:
+        """A timm ViT whose pooled features are its tokens, so one head takes both."""
+        width = getattr(backbone, "embed_dim", None)
+        if not is_vit(backbone) or not isinstance(width, int):
+            raise ValueError(
+                f"{setting(owner, 'ibot_loss_weight')} needs a timm ViT backbone (patch tokens "
+                f"and an embed_dim), not {type(backbone).__name__}; use a ViT such as "
+                f"{setting(owner, 'backbone', 'vit_small_patch16_224')} or "
+                f"{setting(owner, 'ibot_loss_weight', 0)}"
+            )
+        if feature_dim != width:
+            raise ValueError(
+                f"{setting(owner, 'ibot_loss_weight')} needs a ViT whose features are its "
+                f"{feature_dim}-wide tokens (class token or average pooling, "
+                f"{setting(owner, 'feature_grid', 0)}), so that one head takes class and patch "
+                "tokens"
+            )
+
+    @classmethod
+    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> iBOTTerm:
+        """The term with the DINO loss's temperature and centring."""
         return cls(
             hparams.ibot_loss_weight,
-            (hparams.ibot_separate_head and hparams.ibot_out_dim) or hparams.out_dim,
+            cls.patch_head_dims(hparams)[0],
             hparams.student_temp,
             hparams.center_momentum,
             hparams.centering,
@@ -164,10 +228,10 @@ class iBOTTerm(LossTerm):
             hparams.ibot_mask_probability,
         )
 
-    def draw_masks(self, n_images: int, height: int, width: int) -> Tensor:
-        """Block-wise masks for the global crops, (n_images, height * width)."""
+    def draw_masks(self, n_images: int, rows: int, columns: int) -> Tensor:
+        """Block-wise masks for the global crops, (n_images, rows * columns)."""
         return batch_masks(
-            n_images, height, width, ratio=self.mask_ratio, probability=self.mask_probability
+            n_images, rows, columns, ratio=self.mask_ratio, probability=self.mask_probability
         )
 
     def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:

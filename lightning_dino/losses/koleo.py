@@ -17,6 +17,7 @@ from lightning_dino.losses.precision import full_precision
 from lightning_dino.losses.term import LossTerm
 from lightning_dino.networks.backbones import MultiCropNetwork
 from lightning_dino.networks.forward import FEATURES, StepOutputs
+from lightning_dino.setting_names import setting
 
 
 class KoLeoLoss(nn.Module):
@@ -69,6 +70,11 @@ class KoLeoTerm(LossTerm):
     that crop: per global crop, so that two crops of one image are never each other's
     neighbour (DINOv2).
 
+    Arguments of :class:`~lightning_dino.DINO` (``--model.*``):
+
+    - ``koleo_loss_weight``: the weight (0 = off; 0.1 in DINOv2). Needs at least two images per
+      device (each image's nearest neighbour is another image of its batch).
+
     Args:
         weight: The term's weight (0.1 in DINOv2).
     """
@@ -81,9 +87,20 @@ class KoLeoTerm(LossTerm):
         self.loss = KoLeoLoss()
 
     @classmethod
-    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> KoLeoTerm | None:
-        """On when ``koleo_loss_weight`` > 0."""
-        return cls(hparams.koleo_loss_weight) if hparams.koleo_loss_weight > 0 else None
+    def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> KoLeoTerm:
+        """The term weighted by ``koleo_loss_weight``."""
+        return cls(hparams.koleo_loss_weight)
+
+    def check_batch_size(self, batch_size: int, owner: object) -> None:
+        """Each image's nearest neighbour is another image of the same device: two at least."""
+        if batch_size > 1:
+            return
+        raise ValueError(
+            f"{setting(owner, 'koleo_loss_weight', self.weight)} needs at least 2 images per "
+            f"device (each image's nearest neighbour in the batch), but "
+            f"{setting('data', 'batch_size', batch_size)}; use {setting('data', 'batch_size')} "
+            f">= 2 or {setting(owner, 'koleo_loss_weight', 0)}"
+        )
 
     def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:
         """KoLeo of each global crop's student features (n_global of (B, D)), summed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -13,8 +14,8 @@ from timm.layers import SelectAdaptivePool2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_dino.naming import setting
 from lightning_dino.networks.head import DINOHead
+from lightning_dino.setting_names import setting
 
 
 def _local_weights_as_state_dict(extra: dict[str, Any]) -> dict[str, Any]:
@@ -227,10 +228,8 @@ def feature_width(vit: nn.Module) -> int:
     width = getattr(vit, "embed_dim", None)
     if not isinstance(width, int):
         raise ValueError(
-            f"{setting('model', 'ibot_loss_weight')} needs a timm ViT backbone (patch tokens and "
-            f"an embed_dim), not {type(vit).__name__}; use a ViT such as "
-            f"{setting('model', 'backbone', 'vit_small_patch16_224')} or "
-            f"{setting('model', 'ibot_loss_weight', 0)}"
+            f"a mask token needs a timm ViT backbone (patch tokens and an embed_dim), not "
+            f"{type(vit).__name__}"
         )
     return width
 
@@ -419,6 +418,7 @@ def build_student_teacher(
     channels_last: bool = False,
     compile: bool = False,
     patch_head_kwargs: dict[str, Any] | None = None,
+    check_backbone: Callable[[nn.Module, int], None] | None = None,
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -439,6 +439,8 @@ def build_student_teacher(
         compile: ``torch.compile`` both backbones in place (checkpoint keys do not change).
         patch_head_kwargs: Give both networks a separate :class:`DINOHead` for the iBOT patch
             tokens, with these arguments (except ``in_dim``); None: one head for both.
+        check_backbone: Called with the student backbone and its feature width D once they are
+            built, before the heads: raises when the method's loss terms cannot use it.
 
     Returns:
         ``(student, teacher)``.
@@ -459,13 +461,9 @@ def build_student_teacher(
         student_backbone = backbone
         teacher_backbone = copy.deepcopy(backbone)
     in_dim = backbone_dim or feature_dim(student_backbone)
-    if mask_token and in_dim != feature_width(student_backbone):
-        raise ValueError(
-            f"{setting('model', 'ibot_loss_weight')} needs a ViT whose features are its "
-            f"{in_dim}-wide tokens (class token or average pooling, "
-            f"{setting('model', 'feature_grid', 0)}), so that one head takes "
-            "class and patch tokens"
-        )
+    if check_backbone is not None:
+        check_backbone(student_backbone, in_dim)
+
     def network(backbone: nn.Module, frozen_norm: bool) -> MultiCropNetwork:
         # The teacher's heads are built with the default (frozen) norm; the EMA sets their values.
         extra = {"norm_last_layer": True} if frozen_norm else {}

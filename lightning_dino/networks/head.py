@@ -7,6 +7,7 @@ Reference: Caron et al. 2021, section 3.1 and Appendix C; `DINOHead` in facebook
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -84,3 +85,23 @@ class DINOHead(nn.Module):
         """
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x)
+
+
+def head_arguments(hparams: Any) -> dict[str, Any]:
+    """:class:`DINOHead`'s arguments (but ``in_dim``) from a method's hyperparameters.
+
+    Args:
+        hparams: ``out_dim``, ``hidden_dim``, ``bottleneck_dim``, ``n_head_layers``,
+            ``use_bn_in_head`` and ``norm_last_layer`` (the last three optional: 3, False, True).
+
+    Returns:
+        ``{"out_dim", "hidden_dim", "bottleneck_dim", "n_layers", "use_bn", "norm_last_layer"}``.
+    """
+    return {
+        "out_dim": hparams["out_dim"],
+        "hidden_dim": hparams["hidden_dim"],
+        "bottleneck_dim": hparams["bottleneck_dim"],
+        "n_layers": hparams.get("n_head_layers", 3),
+        "use_bn": hparams.get("use_bn_in_head", False),
+        "norm_last_layer": hparams.get("norm_last_layer", True),
+    }

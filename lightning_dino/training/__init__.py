@@ -5,10 +5,10 @@ before any data is read, and the small monitors.
 """
 
 from lightning_dino.training.checkpointing import DINOCheckpoint, RandomStateCallback
+from lightning_dino.training.ema import TeacherEMA, ema_update
 from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.training.preemption import TrainingInterrupted
 from lightning_dino.training.schedules import StepScheduler, cosine_schedule
-from lightning_dino.training.teacher import TeacherEMA, ema_update
 
 __all__ = [
     "CropGridLogger",

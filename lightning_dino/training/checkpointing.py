@@ -30,8 +30,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dino.naming import setting
 from lightning_dino.seeding import seed_this_rank
+from lightning_dino.setting_names import setting
 from lightning_dino.training.preemption import StopSignals, TrainingInterrupted
 
 _TEMPORARY_SUFFIX = ".partial"

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_dino.training.preflight import schedule_warnings
+from lightning_dino.setting_names import setting
 from lightning_dino.training.schedules import (
     StepScheduler,
     cosine_schedule,
@@ -186,11 +186,27 @@ class StudentOptimization:
         """
         self.total_steps, self.steps_per_epoch = run_length(self.trainer)
         self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
-        for message in schedule_warnings(self):
+        for message in self.schedule_warnings():
             rank_zero_warn(message)
         scheduler = self.lr_schedulers()
         if isinstance(scheduler, StepScheduler):
             scheduler.sync(self.global_step)
+
+    def schedule_warnings(self) -> list[str]:
+        """Messages for schedules that do not fit in the run (once its length is known).
+
+        Here a learning-rate warmup at least as long as the run; a method adds its own.
+        """
+        warmup_epochs = self.hparams.warmup_epochs
+        warmup_steps = round(warmup_epochs * self.steps_per_epoch)
+        if warmup_epochs <= 0 or warmup_steps < self.total_steps:
+            return []
+        return [
+            f"{setting(self, 'warmup_epochs', warmup_epochs)} is {warmup_steps} steps, as long "
+            f"as the whole run ({self.total_steps} steps): the learning rate never reaches its "
+            f"peak {self.peak_lr:.3g}; use a shorter warmup (the reference warms up for 10 of "
+            "100 epochs) or train longer"
+        ]
 
     def learning_rate(self, step: int) -> float:
         """Learning rate at optimizer step ``step``: linear warmup, then cosine to ``min_lr``."""

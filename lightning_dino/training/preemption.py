@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_dino.naming import setting
+from lightning_dino.setting_names import setting
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -36,7 +36,7 @@ class TrainingInterrupted(SystemExit):
         super().__init__(128 + signum)
         self.signum = signum
         self.checkpoint = checkpoint
-        # Worded now, in the caller's naming style (lightning_dino.naming), not when printed.
+        # Worded now, in the caller's naming style (lightning_dino.setting_names), not when printed.
         resume = setting("Trainer.fit", "ckpt_path", checkpoint)
         self._message = f"stopped on {signal.Signals(signum).name}; resume with {resume}"
 

@@ -3,7 +3,9 @@
 :class:`~lightning_dino.DINO` validates its own arguments when it is built. What it cannot check
 alone, because it depends on the data module or on the trainer, is checked here: the crop sizes
 against the backbone (a cheap forward of one blank image per crop size), the number of views,
-BatchNorm with one image per device, and schedules longer than the run (a warning).
+BatchNorm with one image per device, and what the method's loss terms need of the batch
+(``model.check_batch_size``). Schedules longer than the run are the method's own warnings
+(``schedule_warnings``), once the run length is known.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_dino.naming import setting
+from lightning_dino.setting_names import setting
 
 
 def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None:
@@ -26,12 +28,12 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
     the student backbone in eval mode on a (1, 3, size, size) zero image for each crop size.
 
     Args:
-        model: The DINO module (on the CPU, before training).
+        model: The method module (on the CPU, before training).
         trainer: The trainer the model is attached to.
 
     Raises:
-        ValueError: The message names the setting (:func:`~lightning_dino.naming.setting`) and
-            the fix.
+        ValueError: The message names the setting
+            (:func:`~lightning_dino.setting_names.setting`) and the fix.
     """
     datamodule = trainer.datamodule
     if datamodule is None:
@@ -46,56 +48,8 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
             _check_crop_size(model.student.backbone, setting("data", key, size), size)
     batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
     _check_batch_norm(model.student, batch_size, trainer)
-    _check_koleo_batch(model, batch_size)
-
-
-def schedule_warnings(model: pl.LightningModule) -> list[str]:
-    """Messages for schedules that do not fit in the run (call once the run length is known).
-
-    Args:
-        model: The DINO module after its ``on_train_start`` (``total_steps``,
-            ``steps_per_epoch`` and ``peak_lr`` set).
-
-    Returns:
-        One message per problem: learning-rate warmup, teacher-temperature warmup or last-layer
-        freeze at least as long as the whole run.
-    """
-    hp = model.hparams
-    total, per_epoch = model.total_steps, model.steps_per_epoch
-    epochs = math.ceil(total / per_epoch)
-    messages = []
-    warmup_steps = round(hp.warmup_epochs * per_epoch)
-    if warmup_steps >= total and hp.warmup_epochs > 0:
-        messages.append(
-            f"{setting('model', 'warmup_epochs', hp.warmup_epochs)} is {warmup_steps} steps, as "
-            f"long as the whole run ({total} steps): the learning rate never reaches its peak "
-            f"{model.peak_lr:.3g}; use a shorter warmup (the reference warms up for 10 of 100 "
-            "epochs) or train longer"
-        )
-    # A distillation module has no teacher-temperature warmup and no last-layer freeze.
-    temperatures_differ = hp.get("warmup_teacher_temp", hp.get("teacher_temp")) != hp.get(
-        "teacher_temp"
-    )
-    if temperatures_differ and hp.warmup_teacher_temp_epochs >= epochs:
-        messages.append(
-            f"{setting('model', 'warmup_teacher_temp_epochs', hp.warmup_teacher_temp_epochs)} "
-            f"covers the whole run ({epochs} epoch(s)): the teacher temperature never reaches "
-            f"{setting('model', 'teacher_temp', hp.teacher_temp)}; lower it or train longer"
-        )
-    if hp.get("freeze_last_layer", 0) >= epochs:
-        messages.append(
-            f"{setting('model', 'freeze_last_layer', hp.freeze_last_layer)} covers the whole "
-            f"run ({epochs} epoch(s)): the head's last layer never trains; use 0 for such a "
-            "short run"
-        )
-    gram_start = hp.get("gram_start_step", 0)
-    if hp.get("gram_loss_weight", 0) > 0 and gram_start >= total:
-        messages.append(
-            f"{setting('model', 'gram_start_step', gram_start)} is at or past the run's last "
-            f"step ({total} steps): the run trains without Gram anchoring; start it earlier or "
-            "train longer"
-        )
-    return messages
+    if batch_size is not None:
+        model.check_batch_size(batch_size)
 
 
 def _check_views(model: pl.LightningModule, data: dict[str, Any]) -> None:
@@ -105,7 +59,7 @@ def _check_views(model: pl.LightningModule, data: dict[str, Any]) -> None:
     if n_global != model.hparams.n_global_crops:
         raise ValueError(
             f"{setting('data', 'n_global_crops', n_global)} but "
-            f"{setting('model', 'n_global_crops', model.hparams.n_global_crops)}: the teacher "
+            f"{setting(model, 'n_global_crops', model.hparams.n_global_crops)}: the teacher "
             "must see exactly the global crops; set both to the same value (2 in the paper)"
         )
     n_local = data.get("n_local_crops", 0)
@@ -176,18 +130,6 @@ def _check_batch_norm(student: nn.Module, batch_size: int | None, trainer: pl.Tr
     )
 
 
-def _check_koleo_batch(model: pl.LightningModule, batch_size: int | None) -> None:
-    """KoLeo pairs each image with its nearest neighbour on the same device: it needs two."""
-    weight = model.hparams.get("koleo_loss_weight", 0)
-    if batch_size is None or batch_size > 1 or weight <= 0:
-        return
-    raise ValueError(
-        f"{setting('model', 'koleo_loss_weight', weight)} needs at least 2 images per device "
-        f"(each image's nearest neighbour in the batch), but {setting('data', 'batch_size', 1)}; "
-        f"use {setting('data', 'batch_size')} >= 2 or {setting('model', 'koleo_loss_weight', 0)}"
-    )
-
-
 BATCH_FORMATS = (
     "a list of crops [global_1, global_2, local_1, ...], each a (B, C, H, W) tensor, globals "
     "first; a tuple/list (crops, labels); or a dict with the crops under 'crops'"
@@ -239,14 +181,15 @@ def check_first_batch(
     n_global = model.hparams.n_global_crops
     if len(crops) < max(2, n_global):
         raise ValueError(
-            f"the training batches hold {len(crops)} crop(s) per image, but DINO needs the "
+            f"the training batches hold {len(crops)} crop(s) per image, but "
+            f"{type(model).__name__} needs the "
             f"{n_global} global crop(s) first and at least 2 views in all ({BATCH_FORMATS})"
         )
     sizes = {tuple(c.shape[-2:]) for c in crops}
     batch_sizes = {c.shape[0] for c in crops}
     if len(batch_sizes) > 1:
         raise ValueError(f"the crops of one batch have different batch sizes {sorted(batch_sizes)}")
-    _check_koleo_batch(model, crops[0].shape[0])
+    model.check_batch_size(crops[0].shape[0])
     device = next(model.student.backbone.parameters()).device
     for height, width in sorted(sizes):
         _check_crop_size(

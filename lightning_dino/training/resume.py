@@ -1,8 +1,9 @@
 """Resuming a run: what a checkpoint may change, and end-of-epoch checkpoints that resume exactly.
 
-:func:`check_resume` is what :meth:`lightning_dino.DINO.on_load_checkpoint` does: Lightning calls
-that hook with the loaded checkpoint before it loads the weights and the loop state, so the
-functions here see (and may fix) the checkpoint before anything of it is used.
+:func:`check_resume` is what the method base's ``on_load_checkpoint`` does
+(:class:`~lightning_dino.training.method.Method`): Lightning calls that hook with the loaded
+checkpoint before it loads the weights and the loop state, so the functions here see (and may
+fix) the checkpoint before anything of it is used.
 """
 
 from __future__ import annotations
@@ -13,30 +14,17 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dino.naming import setting
+from lightning_dino.setting_names import setting
 
 
 class ResumeError(ValueError):
     """A checkpoint cannot be resumed by this model (its networks have another shape)."""
 
 
-# Hyperparameters that decide the shapes or the meaning of the saved weights: a checkpoint
-# written with other values cannot be loaded into this model.
-STRUCTURAL_KEYS = (
-    "backbone",
-    "backbone_kwargs",
-    "feature_grid",
-    "out_dim",
-    "hidden_dim",
-    "bottleneck_dim",
-    "n_head_layers",
-    "use_bn_in_head",
-    "norm_last_layer",
-    "ibot_separate_head",
-    "ibot_out_dim",
-    "ibot_bottleneck_dim",
-    "objective",
-)
+# Hyperparameters of every method that decide the shapes or the meaning of the saved weights: a
+# checkpoint written with other values cannot be loaded into this model. A method adds its own
+# (its ``structural_keys``: head sizes, an objective).
+STRUCTURAL_KEYS = ("backbone", "backbone_kwargs", "feature_grid")
 
 
 def hyperparameter_changes(
@@ -59,21 +47,28 @@ def hyperparameter_changes(
     }
 
 
-def structural_change_message(changes: Mapping[str, tuple[Any, Any]], path: str) -> str | None:
+def structural_change_message(
+    changes: Mapping[str, tuple[Any, Any]],
+    path: str,
+    keys: tuple[str, ...] = STRUCTURAL_KEYS,
+    owner: object = "model",
+) -> str | None:
     """The error for changes that make a checkpoint unloadable, or None when there are none.
 
     Args:
         changes: The output of :func:`hyperparameter_changes`.
         path: The checkpoint's file name, for the message.
+        keys: The hyperparameters that shape the saved networks.
+        owner: The resuming module, for the names in the message.
 
     Returns:
         A message naming every structural key that changed and the way out, or None.
     """
-    bad = [key for key in STRUCTURAL_KEYS if key in changes]
+    bad = [key for key in keys if key in changes]
     if not bad:
         return None
     listed = ", ".join(
-        f"{setting('model', key, changes[key][1])} (checkpoint: {changes[key][0]!r})" for key in bad
+        f"{setting(owner, key, changes[key][1])} (checkpoint: {changes[key][0]!r})" for key in bad
     )
     return (
         f"cannot resume from {path}: {listed} changes the shape of the saved networks. Resume "
@@ -190,17 +185,12 @@ def check_resume(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None
         )
     if module._trainer is None:  # load_from_checkpoint: the hyperparameters are the file's
         return
-    gram_0_1 = saved.get("gram_loss_weight", 0) > 0 and "gram_remove_negatives" not in saved
-    if gram_0_1 and not module.hparams.get("gram_remove_negatives", True):
-        rank_zero_warn(
-            "this checkpoint was trained with Gram anchoring by lightning_dino 0.1, which zeroed "
-            "negative patch similarities; this run anchors them (today's default, as DINOv3's "
-            f"configs); pass {setting('model', 'gram_remove_negatives', True)} to continue as "
-            "it was trained"
-        )
+    for warning in module.resume_warnings(saved):
+        rank_zero_warn(warning)
     path = str(module.trainer.ckpt_path)
     changes = hyperparameter_changes(saved, module.hparams)
-    message = structural_change_message(changes, path)
+    keys = (*STRUCTURAL_KEYS, *getattr(module, "structural_keys", ()))
+    message = structural_change_message(changes, path, keys, module)
     if message:
         raise ResumeError(message)
     if changes:

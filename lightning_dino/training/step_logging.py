@@ -5,12 +5,74 @@ The losses every step; schedules and collapse diagnostics on the steps the logge
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_dino.eval.diagnostics import collapse_statistics, teacher_entropy_ratio
+
+
+@dataclass
+class PrototypeScores:
+    """A step's prototype scores, which the collapse diagnostics read (methods with a DINO head).
+
+    Attributes:
+        student_out: Student logits (n_crops, B, K).
+        teacher_out: Raw teacher logits (n_global, B, K).
+        center: The teacher centre (1, K).
+        student_temp: Student temperature.
+        teacher_temp: This step's teacher temperature.
+    """
+
+    student_out: Tensor
+    teacher_out: Tensor
+    center: Tensor
+    student_temp: float
+    teacher_temp: float
+
+
+@dataclass
+class StepResult:
+    """What a method's step computed: its loss, the parts to log and what the diagnostics read.
+
+    Attributes:
+        loss: The total loss (scalar).
+        batch_size: Images per process in the step.
+        losses: Each part of the loss by log key (``train/dino_loss``, ``train/ibot_loss`` ...);
+            logged when there is more than one.
+        prototypes: The step's prototype scores for the collapse diagnostics; None for a method
+            without prototypes (its step logs the losses and schedules only).
+    """
+
+    loss: Tensor
+    batch_size: int
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    prototypes: PrototypeScores | None = None
+
+
+def log_step(module: pl.LightningModule, result: StepResult) -> dict[str, Any]:
+    """Log one step of a method and return ``training_step``'s output.
+
+    Args:
+        module: The module training.
+        result: What its step computed.
+
+    Returns:
+        ``{"loss": loss}``, with ``"diagnostics"`` when the step has prototype scores (see
+        :func:`log_training_step`).
+    """
+    scores = result.prototypes
+    if scores is not None:
+        return log_training_step(
+            module, result.loss, result.losses, scores.student_out, scores.teacher_out,
+            scores.center, scores.student_temp, scores.teacher_temp,
+        )
+    log_losses(module, result.loss, result.losses, result.batch_size)
+    if writes_logs_this_step(module.trainer):
+        log_schedules(module, {}, result.batch_size)
+    return {"loss": result.loss}
 
 
 def writes_logs_this_step(trainer: pl.Trainer) -> bool:

@@ -25,7 +25,7 @@ from lightning_dino.data.batched import (
     resize_weights,
     sample_crop_boxes,
 )
-from lightning_dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lightning_dino.data.crops import IMAGENET_MEAN, IMAGENET_STD
 
 NO_PHOTOMETRIC = {"color_jitter_p": 0.0, "grayscale_p": 0.0, "hflip_p": 0.0, "solarize_p": 0.0}
 FULL_IMAGE = {"global_crop_scale": (1.0, 1.0), "local_crop_scale": (1.0, 1.0)}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
+from lightning_dino.data import builtin_datasets
 from lightning_dino.data import datamodule as datamodule_module
-from lightning_dino.data import datasets
 from lightning_dino.data.datamodule import MultiCropDataModule
 
 TINY = {
@@ -152,7 +152,7 @@ def test_fashion_mnist_from_idx_files(tmp_path, write_fashion_mnist):
 
 
 @pytest.mark.skipif(
-    not (datasets.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+    not (builtin_datasets.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
     reason="apt package dataset-fashion-mnist absent",
 )
 def test_fashion_mnist_subset_from_the_debian_package():
@@ -200,7 +200,7 @@ def test_invalid_arguments_name_the_key(kwargs, message):
 
 
 def test_hyperparameters_and_defaults(monkeypatch):
-    monkeypatch.setattr(datamodule_module, "_available_cpus", lambda: 32)
+    monkeypatch.setattr(datamodule_module, "available_cpus", lambda: 32)
     dm = MultiCropDataModule()
     assert dm.hparams.dataset == "synthetic" and dm.hparams.global_crop_size == 224
     assert dm.hparams.blur_p == (1.0, 0.1, 0.5) and dm.n_crops == 10

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dino.data import datasets
-from lightning_dino.data.datasets import load_fashion_mnist, read_idx_file
+from lightning_dino.data import builtin_datasets
+from lightning_dino.data.builtin_datasets import load_fashion_mnist, read_idx_file
 
-DEBIAN_FILES = datasets.DEBIAN_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz"
+DEBIAN_FILES = builtin_datasets.DEBIAN_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz"
 
 
 @pytest.fixture
 def no_debian_copy(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(builtin_datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
 
 
 @pytest.mark.skipif(not DEBIAN_FILES.exists(), reason="apt package dataset-fashion-mnist absent")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from lightning_dino.data import MultiCropDataModule, load_image
 from lightning_dino.data.batched import sample_crop_boxes
-from lightning_dino.data.datasets import ImageFolderDataset, jpeg_reduction
+from lightning_dino.data.image_folders import ImageFolderDataset, jpeg_reduction
 from lightning_dino.data.transforms import min_decode_pixels
 
 DINO_VIEWS = [(224, (0.4, 1.0)), (96, (0.05, 0.4))]
@@ -113,7 +113,7 @@ def test_folder_training_decodes_reduced_and_evaluation_keeps_its_resize(tmp_pat
 
 
 def test_streamed_bytes_decode_like_the_file_at_the_same_reduced_size(tmp_path):
-    from lightning_dino.data.streaming import DecodeSample, decode_image
+    from lightning_dino.data.prepared.streaming import DecodeSample, decode_image
 
     path = tmp_path / "phone.jpg"
     smooth_photo(3000, 2000).save(path, quality=90)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_dino.data.datasets import (
+from lightning_dino.data.image_folders import (
     IMG_EXTENSIONS,
     ImageFolderDataset,
     find_image_files,

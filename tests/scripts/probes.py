@@ -32,7 +32,8 @@ class DumpState(Callback):
         state = {
             "student": {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
             "teacher": {k: v.detach().clone() for k, v in pl_module.teacher.state_dict().items()},
-            "center": getattr(pl_module.loss, "center", torch.zeros(1)).detach().clone(),
+            "center": getattr(getattr(pl_module, "loss", None), "center", torch.zeros(1)).detach().clone(),
+            "centers": {k: v.detach().clone() for k, v in pl_module.named_buffers() if k.endswith("center")},
             "ema": {k: v.detach().clone() for k, v in getattr(pl_module, "ema", torch.nn.Module()).state_dict().items()},
             "rows": self.rows,
             "global_step": trainer.global_step,

@@ -2,9 +2,10 @@
 
 The prepared directory holds the images' encoded bytes (JPEG, PNG... as found, not decoded
 pixels), their labels and the class names, in the layout that
-:mod:`lightning_dino.data.streaming` reads (``--data.dataset streaming``). Its splits are the ones
-``--data.dataset folder`` makes of the same folder: ``FOLDER/train`` and ``FOLDER/val`` when they
-exist, else the same fixed random ``val_fraction`` of the labelled images held out for k-NN val.
+:mod:`lightning_dino.data.prepared.streaming` reads (``--data.dataset streaming``). Its splits
+are the ones ``--data.dataset folder`` makes of the same folder: ``FOLDER/train`` and
+``FOLDER/val`` when they exist, else the same fixed random ``val_fraction`` of the labelled
+images held out for k-NN val.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from lightning_dino.data.datamodule import _available_cpus, _hold_out
-from lightning_dino.data.datasets import UNLABELED, find_image_files
-from lightning_dino.data.streaming import METADATA_FILENAME, METADATA_VERSION, decode_image
-from lightning_dino.naming import setting
-from lightning_dino.optional import require
+from lightning_dino.data.image_folders import UNLABELED, find_image_files, hold_out
+from lightning_dino.data.prepared.streaming import METADATA_FILENAME, METADATA_VERSION, decode_image
+from lightning_dino.data.sampler import available_cpus
+from lightning_dino.extras import require
+from lightning_dino.setting_names import setting
 
 _MAX_NAMED_FILES = 20  # unreadable files named in the message; all are in the metadata
 # Names an argument in messages: --out under `lightning-dino prepare`, else as a Python call.
@@ -92,7 +93,7 @@ def prepare_streaming_dataset(
     data_dir, out = Path(data_dir), Path(out)
     layout = scan_layout(data_dir)
     _clear_output(out, overwrite)
-    workers = num_workers or _available_cpus()
+    workers = num_workers or available_cpus()
     start = time.perf_counter()
     paths = [path for found in layout.values() for path, _ in found]
     unreadable = check_images(paths, workers, progress)
@@ -172,7 +173,7 @@ def plan_splits(
         train = samples
     else:
         labelled = [i for i, (_, label) in enumerate(samples) if label != UNLABELED]
-        held_out = set(_hold_out(labelled, val_fraction))
+        held_out = set(hold_out(labelled, val_fraction))
         val = [samples[i] for i in sorted(held_out)]
         train = [sample for i, sample in enumerate(samples) if i not in held_out]
     train.sort(key=lambda sample: sample[1] == UNLABELED)  # stable: keeps the path order

@@ -21,9 +21,9 @@ from PIL import Image
 from lightning_dino import prepare_streaming_dataset
 from lightning_dino.cli import _with_bare_flags_true, main
 from lightning_dino.data import MultiCropDataModule, StreamingImages, decode_image, load_image
-from lightning_dino.data.streaming import PreparedDataset, split_dir
-from lightning_dino.io.prepare import file_problem, plan_splits, scan_layout
-from lightning_dino.naming import cli_flags
+from lightning_dino.data.prepared.streaming import PreparedDataset, split_dir
+from lightning_dino.data.prepared.writer import file_problem, plan_splits, scan_layout
+from lightning_dino.setting_names import cli_flags
 from tests.conftest import run_on_gloo
 
 ROOT = Path(__file__).parents[2]

@@ -1,8 +1,9 @@
 """Stream a dataset prepared by ``lightning-dino prepare`` with LitData, on one node or many.
 
-``lightning-dino prepare`` (:func:`lightning_dino.io.prepare.prepare`) writes an image folder as a
-LitData optimised dataset: the files' encoded bytes (JPEG, PNG... as found) in chunks, with their
-labels. The layout of a prepared directory ``DIR`` (a local path or a URL such as ``s3://...``)::
+``lightning-dino prepare``
+(:func:`~lightning_dino.data.prepared.writer.prepare_streaming_dataset`) writes an image folder
+as a LitData optimised dataset: the files' encoded bytes (JPEG, PNG... as found) in chunks,
+with their labels. The layout of a prepared directory ``DIR`` (a local path or a URL such as ``s3://...``)::
 
     DIR/lightning_dino.json   classes and split sizes (:data:`METADATA_FILENAME`)
     DIR/train/                the training images: labelled ones first, then unlabelled ones
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
-from lightning_dino.data.prepared_files import (
+from lightning_dino.data.prepared.files import (
     INDEX_FILENAME,
     METADATA_FILENAME,
     METADATA_VERSION,
@@ -49,13 +50,13 @@ from lightning_dino.data.prepared_files import (
     prepare_command,
     split_dir,
 )
-from lightning_dino.naming import setting
-from lightning_dino.optional import require
+from lightning_dino.extras import require
+from lightning_dino.setting_names import setting
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader, StreamingDataset
 
-    from lightning_dino.data.prepared_split import PreparedSplit
+    from lightning_dino.data.prepared.split import PreparedSplit
 
 __all__ = [
     "INDEX_FILENAME",
@@ -77,13 +78,13 @@ _PURPOSE = "Streaming datasets (--data.dataset streaming, lightning-dino prepare
 
 
 def prepared_split(input_dir: str, *args: Any, **kwargs: Any) -> PreparedSplit:
-    """A :class:`~lightning_dino.data.prepared_split.PreparedSplit`, once LitData is there.
+    """A :class:`~lightning_dino.data.prepared.split.PreparedSplit`, once LitData is there.
 
     Raises:
         MissingExtraError: If LitData (the ``streaming`` extra) is not installed.
     """
     require("litdata", _PURPOSE)
-    from lightning_dino.data.prepared_split import PreparedSplit
+    from lightning_dino.data.prepared.split import PreparedSplit
 
     return PreparedSplit(input_dir, *args, **kwargs)
 

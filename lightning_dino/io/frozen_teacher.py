@@ -14,14 +14,16 @@ from lightning_dino.io.export import (
     load_backbone,
     read_checkpoint,
 )
-from lightning_dino.naming import setting
 from lightning_dino.networks.backbones import create_timm_backbone
 from lightning_dino.networks.distillation import FrozenTeacher
-from lightning_dino.networks.head import DINOHead
+from lightning_dino.networks.head import DINOHead, head_arguments
+from lightning_dino.setting_names import setting
 
 
 def load_teacher(
-    teacher: str | Path | nn.Module, teacher_kwargs: dict[str, Any] | None = None
+    teacher: str | Path | nn.Module,
+    teacher_kwargs: dict[str, Any] | None = None,
+    owner: object = "model",
 ) -> tuple[FrozenTeacher, dict[str, Any]]:
     """Build the frozen teacher of a distillation run.
 
@@ -37,6 +39,7 @@ def load_teacher(
             - an ``nn.Module`` mapping images to (B, D) features (a timm model also gives its
               feature map).
         teacher_kwargs: ``timm.create_model`` arguments for a timm name.
+        owner: The module the teacher is for, for the names in messages.
 
     Returns:
         ``(teacher, run)``: the teacher (eval mode, ``requires_grad=False``) and, for a DINO
@@ -56,7 +59,7 @@ def load_teacher(
         if timm.is_model(name):
             return FrozenTeacher(create_timm_backbone(name, 0.0, teacher_kwargs)), {}
         raise FileNotFoundError(
-            f"{setting('model', 'teacher', name)}: no such file or directory, and not a timm "
+            f"{setting(owner, 'teacher', name)}: no such file or directory, and not a timm "
             "model name. Pass a DINO checkpoint (.ckpt), an export directory of `lightning-dino "
             "export`, a timm model name or an nn.Module."
         )
@@ -65,30 +68,25 @@ def load_teacher(
             return FrozenTeacher(load_backbone(path)), {}
         return _from_checkpoint(path)
     except (UnreadableCheckpointError, ValueError, FileNotFoundError) as err:
-        raise ValueError(f"{setting('model', 'teacher', name)} cannot be read: {err}") from err
+        raise ValueError(f"{setting(owner, 'teacher', name)} cannot be read: {err}") from err
 
 
 def _from_checkpoint(path: Path) -> tuple[FrozenTeacher, dict[str, Any]]:
-    """The network a checkpoint evaluates, with the DINO head and centre of a DINO teacher."""
+    """The network a checkpoint evaluates, with its DINO head and centre when it has them."""
     ckpt = read_checkpoint(path)
     which = default_network(ckpt)
     backbone = load_backbone(path, which)
-    if which != "teacher":
-        return FrozenTeacher(backbone), {}
     hp = ckpt.get("hyper_parameters") or {}
-    head_kwargs = {
-        "out_dim": hp["out_dim"],
-        "hidden_dim": hp["hidden_dim"],
-        "bottleneck_dim": hp["bottleneck_dim"],
-        "n_layers": hp.get("n_head_layers", 3),
-        "use_bn": hp.get("use_bn_in_head", False),
-    }
-    head = DINOHead(int(backbone.num_features), **head_kwargs, norm_last_layer=True)
     state = ckpt["state_dict"]
-    head.load_state_dict(
-        {key.removeprefix("teacher.head."): value for key, value in state.items()
-         if key.startswith("teacher.head.")}
-    )
+    prefix = f"{which}.head."
+    head_state = {key.removeprefix(prefix): value for key, value in state.items()
+                  if key.startswith(prefix)}
+    if not head_state or "out_dim" not in hp:  # a network without a DINO head
+        return FrozenTeacher(backbone), {}
+    head_kwargs = {key: value for key, value in head_arguments(hp).items()
+                   if key != "norm_last_layer"}
+    head = DINOHead(int(backbone.num_features), **head_kwargs, norm_last_layer=True)
+    head.load_state_dict(head_state)
     center = state.get("loss.center")
     return FrozenTeacher(backbone, head), {
         "head": head_kwargs,

@@ -76,13 +76,15 @@ def using_cli() -> bool:
     return _CLI_FLAGS.get()
 
 
-def setting(owner: str, name: str, value: Any = _UNSET) -> str:
+def setting(owner: str | object, name: str, value: Any = _UNSET) -> str:
     """Name the setting ``name`` of ``owner``, with its value if given, in the caller's style.
 
     Args:
         owner: A section of the ``fit`` command (``"model"``, ``"data"``, ``"trainer"``,
-            ``"checkpoint"``), or the name of a function whose arguments are a command's flags
-            without prefix (``"prepare_streaming_dataset"``, ``"Trainer.fit"``).
+            ``"checkpoint"``), the name of a function whose arguments are a command's flags
+            without prefix (``"prepare_streaming_dataset"``, ``"Trainer.fit"``), or the model
+            itself (a method module or its class): its flags are ``--model.*`` and its Python
+            name is its own class's (``Distillation(objective=...)``).
         name: The argument's name, e.g. ``"warmup_epochs"``.
         value: The value to show; left out, the name alone.
 
@@ -91,11 +93,16 @@ def setting(owner: str, name: str, value: Any = _UNSET) -> str:
         ``DINO(warmup_epochs=0.5)``; without a value ``--model.warmup_epochs`` and
         ``DINO(warmup_epochs=...)``.
     """
+    if not isinstance(owner, str):
+        python_name = (owner if isinstance(owner, type) else type(owner)).__name__
+        owner = "model"
+    else:
+        python_name = _SECTIONS.get(owner, owner)
     if using_cli():
         prefix = f"--{owner}." if owner in _SECTIONS else "--"
         return f"{prefix}{name}" if value is _UNSET else f"{prefix}{name}={_flag_value(value)}"
     python_value = "..." if value is _UNSET else _python_value(value)
-    return f"{_SECTIONS.get(owner, owner)}({name}={python_value})"
+    return f"{python_name}({name}={python_value})"
 
 
 def _flag_value(value: Any) -> str:

@@ -9,7 +9,7 @@ import pytest
 from lightning_dino import DINO
 from lightning_dino.cli import main, train
 from lightning_dino.data import MultiCropDataModule
-from lightning_dino.naming import cli_flags, setting, using_cli
+from lightning_dino.setting_names import cli_flags, setting, using_cli
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 CONF = Path(__file__).parent / "conf"

@@ -1,7 +1,7 @@
 """LitData's ``StreamingDataset`` of a prepared split whose read errors name the chunk file.
 
-Imports LitData (the ``streaming`` extra): :mod:`lightning_dino.data.streaming` imports this module
-only once it has checked that LitData is installed.
+Imports LitData (the ``streaming`` extra): :mod:`lightning_dino.data.prepared.streaming`
+imports this module only once it has checked that LitData is installed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from litdata import StreamingDataset
 from litdata.exceptions import ChunkWaitTimeoutError
 from litdata.streaming.sampler import ChunkedIndex
 
-from lightning_dino.data.prepared_files import (
+from lightning_dino.data.prepared.files import (
     CorruptDatasetError,
     DecodeSample,
     error_name,

@@ -24,9 +24,9 @@ from lightning_dino.io.export import (
     load_backbone,
     read_checkpoint,
 )
-from lightning_dino.naming import setting
 from lightning_dino.networks.backbones import use_standard_pooling
 from lightning_dino.recipes import resolve_config
+from lightning_dino.setting_names import setting
 
 Which = Literal["teacher", "student", "ema"]
 

@@ -1,8 +1,8 @@
 """The files of a dataset prepared by ``lightning-dino prepare``, without LitData.
 
 Names, decoding and the checks of a prepared directory that need nothing but the files: the
-LitData-reading parts are in :mod:`lightning_dino.data.streaming` and
-:mod:`lightning_dino.data.prepared_split` (the ``streaming`` extra).
+LitData-reading parts are in :mod:`lightning_dino.data.prepared.streaming` and
+:mod:`lightning_dino.data.prepared.split` (the ``streaming`` extra).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_dino.data.datasets import load_image
-from lightning_dino.naming import using_cli
+from lightning_dino.data.image_folders import load_image
+from lightning_dino.setting_names import using_cli
 
 METADATA_FILENAME = "lightning_dino.json"
 """Name of the file, beside the splits, that holds the classes and the split sizes."""
@@ -108,7 +108,7 @@ def prepare_command(folder: str, out: str = "DIR", overwrite: bool = False) -> s
 
     Returns:
         ``lightning-dino prepare --data_dir FOLDER --out DIR`` or
-        ``prepare_streaming_dataset('FOLDER', 'DIR')`` (:mod:`lightning_dino.naming`).
+        ``prepare_streaming_dataset('FOLDER', 'DIR')`` (:mod:`lightning_dino.setting_names`).
     """
     if using_cli():
         flag = " --overwrite" if overwrite else ""

@@ -1,0 +1,278 @@
+"""The method base: the lifecycle that every method of the package shares.
+
+A method (:class:`~lightning_dino.DINO`, :class:`~lightning_dino.Distillation`, or yours) is a
+small class on :class:`Method`: it builds its networks in ``__init__``, names the network it
+evaluates, brings the callbacks its networks need (a teacher EMA) and computes one step's loss
+(:meth:`Method.compute_step`). The base owns everything around that:
+
+* the batch forms (``crops``, ``(crops, labels)``, ``{"crops": ...}``) and the check of a run's
+  first batch against the model, and the crop sizes it records;
+* the checks of the model against the data module, made before any data is read, and the
+  random-state checkpointing that makes a resume exact;
+* ``forward`` and the evaluated network (what the monitors, ``export``, ``knn``, ``embed`` and
+  ``probe`` use), recorded in every checkpoint;
+* checkpoint loading: the resume checks (:func:`~lightning_dino.training.resume.check_resume`);
+* optimisation of the ``student`` and the per-step schedules
+  (:class:`~lightning_dino.training.optimization.StudentOptimization`), with the per-tensor clip
+  before every optimizer step;
+* logging the step (:func:`~lightning_dino.training.step_logging.log_step`) and stopping every
+  process on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_dino.setting_names import setting
+from lightning_dino.training.callbacks import callbacks_to_bring
+from lightning_dino.training.checkpointing import RandomStateCallback, check_finite_loss
+from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
+from lightning_dino.training.optimization import StudentOptimization
+from lightning_dino.training.preflight import check_first_batch, check_model_and_data, crops_of
+from lightning_dino.training.resume import check_resume
+from lightning_dino.training.step_logging import StepResult, log_step
+
+# (crops, labels), a bare list of crops, or {"crops": crops, ...}; see preflight.crops_of.
+Batch = tuple[list[Tensor], Tensor] | list[Tensor] | dict[str, Any]
+
+# One check of an argument: (holds, the argument's name, how to fix it).
+Check = tuple[bool, str, str]
+
+
+class Method(StudentOptimization, pl.LightningModule):
+    """Base of a method: a ``student`` trained by a teacher, and the lifecycle around it.
+
+    A subclass calls ``super().__init__()``, then :meth:`save_arguments` and
+    :meth:`validate_arguments`, builds ``self.student`` (what the optimizer trains) and the
+    network it evaluates, and implements :meth:`compute_step`. It may override
+    :meth:`method_callbacks`, :meth:`monitor_types`, :meth:`start_run`,
+    :meth:`before_optimizer_step`, :meth:`argument_checks`, :meth:`check_batch_size`,
+    :meth:`schedule_warnings` and :meth:`resume_warnings`.
+
+    Its arguments must include those of the optimisation: ``lr``, ``min_lr``, ``warmup_epochs``,
+    ``weight_decay``, ``weight_decay_end``, ``clip_grad``, ``layerwise_decay``,
+    ``patch_embed_lr_mult``, ``optimizer``, and ``n_global_crops`` and ``monitors``.
+
+    Attributes:
+        evaluated_network: The attribute holding the network (with a ``backbone``) that the method
+            trains for its users: ``forward`` runs its backbone, monitors evaluate it, ``export``
+            writes it. Recorded in every checkpoint as ``evaluated_network``.
+        frozen_networks: Attributes holding networks that never train (a distillation teacher);
+            recorded in every checkpoint, and ``export`` refuses them.
+        structural_keys: Arguments that shape the saved networks beyond the common ones
+            (:data:`~lightning_dino.training.resume.STRUCTURAL_KEYS`): a checkpoint written with
+            other values cannot be resumed.
+    """
+
+    evaluated_network: ClassVar[str] = "teacher"
+    frozen_networks: ClassVar[tuple[str, ...]] = ()
+    structural_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._brought_callbacks: list[Callback] = []
+        self._check_next_batch = True
+        self.crop_sizes: dict[str, list[int] | None] | None = None
+
+    # Arguments -------------------------------------------------------------------------------
+
+    def save_arguments(self) -> None:
+        """Save the calling ``__init__``'s arguments as hyperparameters, modules left out.
+
+        An ``nn.Module`` argument (the user's own backbone or teacher) cannot be saved as a
+        hyperparameter; it is passed again when loading (``load_from_checkpoint(path,
+        backbone=...)``).
+        """
+        frame = inspect.currentframe().f_back  # the subclass's __init__
+        modules = [
+            name for name, value in frame.f_locals.items()
+            if name != "self" and isinstance(value, nn.Module)
+        ]
+        self.save_hyperparameters(ignore=modules or None, frame=frame)
+        self.peak_lr = self.hparams.lr
+
+    def argument_checks(self) -> list[Check]:
+        """The checks of the arguments every method has; a method adds its own rows.
+
+        Returns:
+            ``(holds, argument, fix)`` rows.
+        """
+        hp = self.hparams
+        return [
+            (hp.lr > 0, "lr", "use a positive base learning rate (0.0005)"),
+            (hp.min_lr >= 0, "min_lr", "use a non-negative value"),
+            (hp.warmup_epochs >= 0, "warmup_epochs", "use a non-negative number of epochs"),
+            (hp.clip_grad >= 0, "clip_grad", "use 0 to disable clipping or a positive norm"),
+            (0 < hp.layerwise_decay <= 1, "layerwise_decay", "use a value in (0, 1] (0.9)"),
+            (hp.patch_embed_lr_mult > 0, "patch_embed_lr_mult", "use a positive factor (0.2)"),
+            (hp.n_global_crops in (1, 2), "n_global_crops", "use 1 or 2 global crops"),
+            (hp.optimizer in ("adamw", "sgd"), "optimizer", "use adamw or sgd"),
+        ]
+
+    def validate_arguments(self) -> None:
+        """Fail fast, before any data is read, on arguments that cannot work.
+
+        Raises:
+            ValueError: Naming the argument as the user set it (``DINO(lr=-1)`` or
+                ``--model.lr=-1``) and the fix.
+        """
+        for holds, key, fix in self.argument_checks():
+            if not holds:
+                raise ValueError(f"{setting(self, key, self.hparams[key])} is invalid: {fix}.")
+
+    # What a method brings ---------------------------------------------------------------------
+
+    def method_callbacks(self) -> list[Callback]:
+        """New instances of the callbacks the method needs (its teacher EMA); none here."""
+        return []
+
+    def monitor_types(self) -> list[type[Callback]]:
+        """The monitors brought with ``monitors=True`` when the trainer has none of their type."""
+        return [ThroughputLogger, CropGridLogger]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The method's callbacks, the random-state checkpointing (exact resume), the monitors.
+
+        A monitor is brought only when the trainer has none of its type (the user's own settings
+        are kept). Lightning calls this hook on every process before ``prepare_data`` and
+        ``setup``, so it is also where the model is checked against the data module (crop sizes,
+        views, batch size), before any data is read.
+        """
+        if self._trainer is not None:
+            check_model_and_data(self, self.trainer)
+        monitors = self.monitor_types() if self.hparams.get("monitors", True) else []
+        callbacks, self._brought_callbacks = callbacks_to_bring(
+            self._trainer,
+            [*self.method_callbacks(), RandomStateCallback()],
+            monitors,
+            self._brought_callbacks,
+        )
+        return callbacks
+
+    # The evaluated network -------------------------------------------------------------------
+
+    @property
+    def evaluated_backbone(self) -> nn.Module:
+        """The backbone of :attr:`evaluated_network`: what monitors evaluate and export writes."""
+        return getattr(self, self.evaluated_network).backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Features of the evaluated backbone, the representation the method trains.
+
+        Args:
+            images: Shape (B, C, H, W).
+
+        Returns:
+            Features of shape (B, D).
+        """
+        return self.evaluated_backbone(images)
+
+    def trainable_backbone(self, which: str | None = None) -> nn.Module:
+        """A copy of one network's backbone to fine-tune: train mode, every parameter trainable.
+
+        The evaluated network is frozen (``requires_grad=False``) and follows the student;
+        fine-tuning needs a separate, trainable copy::
+
+            backbone = DINO.load_from_checkpoint("last.ckpt").trainable_backbone()
+
+        Args:
+            which: The network (``"teacher"``, ``"student"``, ``"ema"``); None: the evaluated one.
+
+        Returns:
+            A deep copy of the backbone, mapping (B, C, H, W) images to (B, D) features.
+        """
+        network = getattr(self, which or self.evaluated_network)
+        return copy.deepcopy(network.backbone).train().requires_grad_(True)
+
+    # Run lifecycle ---------------------------------------------------------------------------
+
+    def start_run(self) -> None:
+        """A run starts at step 0: reset what an earlier run left (centres); nothing here."""
+
+    def on_train_start(self) -> None:
+        """Fix the run length and the peak learning rate the per-step schedules use.
+
+        The run is the Trainer's: a Trainer that resumes (``ckpt_path``) or fits again after
+        ``max_epochs`` was raised continues its step count, and every schedule continues from
+        that step over the new run length. A Trainer at step 0 starts a new run from the
+        module's current networks (:meth:`start_run`: the centres reset to their start).
+        """
+        self._check_next_batch = True
+        if self.trainer.global_step == 0:
+            self.start_run()
+        self.start_schedules()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the evaluated and frozen networks, and the crop sizes the run trained on.
+
+        ``export``, ``load_backbone``, ``knn``, ``probe`` and ``embed`` read
+        ``evaluated_network``; ``export`` reads the crop sizes when the data module was not
+        :class:`~lightning_dino.data.MultiCropDataModule` (which saves its own settings).
+        """
+        checkpoint["evaluated_network"] = self.evaluated_network
+        checkpoint["frozen_networks"] = list(self.frozen_networks)
+        if self.crop_sizes is not None:
+            checkpoint["crop_sizes"] = self.crop_sizes
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check a checkpoint against this module before Lightning loads it, and settle it.
+
+        Older checkpoints' keys are renamed; network-shaping hyperparameters that differ fail
+        here, naming the keys; other differences (a new lr, a longer run) are this run's, with
+        one warning; see :func:`~lightning_dino.training.resume.check_resume`.
+
+        Raises:
+            ResumeError: If the checkpoint's networks have another shape than this module's.
+        """
+        check_resume(self, checkpoint)
+
+    def resume_warnings(self, saved: dict[str, Any]) -> list[str]:
+        """Warnings for resuming a checkpoint with these hyperparameters; none here."""
+        return []
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise when the method cannot train on ``batch_size`` images per device; any here."""
+
+    # The step --------------------------------------------------------------------------------
+
+    def compute_step(self, crops: list[Tensor]) -> StepResult:
+        """The method's loss for one batch of crops.
+
+        Args:
+            crops: Crop-major (B, C, H, W) tensors, the ``n_global_crops`` global crops first.
+
+        Returns:
+            The loss, its parts and (for a method with prototypes) the scores the collapse
+            diagnostics read.
+        """
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """One step: the batch's crops, the method's loss, the finite-loss check, the logs.
+
+        Batches are ``crops``, ``(crops, labels)`` or ``{"crops": crops, ...}`` (see
+        :func:`~lightning_dino.training.preflight.crops_of`); a run's first batch is checked
+        against the model whatever data module produced it.
+        """
+        crops = crops_of(batch)
+        if self._check_next_batch:
+            self.crop_sizes = check_first_batch(self, crops)
+            self._check_next_batch = False
+        result = self.compute_step(crops)
+        check_finite_loss(self, result.loss)
+        return log_step(self, result)
+
+    def before_optimizer_step(self) -> None:
+        """After the clip, before the optimizer step (freezes, centres); nothing here."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Per-tensor clip of the student's unscaled gradients, then the method's own updates."""
+        self.clip_student_gradients(optimizer)
+        self.before_optimizer_step()
