@@ -183,7 +183,7 @@ class DINO(Method):
         self.student, self.teacher = build_student_teacher(
             backbone, head_arguments(hp), drop_path_rate, backbone_kwargs, feature_grid,
             backbone_dim, channels_last=channels_last, compile=compile,
-            check_backbone=check_backbone, **options,
+            check_backbone=check_backbone, owner=self, **options,
         )
         self.loss = DINOLoss(
             out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering

@@ -129,7 +129,7 @@ class Distillation(Method):
         self.teacher, run = load_teacher(teacher, teacher_kwargs, owner=self)
         self.objective = make_objective(objective, self.hparams, self.teacher, run, owner=self)
         student_backbone = self._student_backbone(backbone, backbone_kwargs, feature_grid)
-        in_dim = backbone_dim or feature_dim(student_backbone)
+        in_dim = backbone_dim or feature_dim(student_backbone, self)
         self.student, self.loss = self.objective.build(student_backbone, in_dim, self.teacher)
         if channels_last and not hasattr(student_backbone, "patch_embed"):
             self.student.to(memory_format=torch.channels_last)
@@ -139,7 +139,7 @@ class Distillation(Method):
         self, backbone: str | nn.Module, kwargs: dict[str, Any] | None, grid: int
     ) -> nn.Module:
         if isinstance(backbone, str):
-            return create_timm_backbone(backbone, self.hparams.drop_path_rate, kwargs, grid)
+            return create_timm_backbone(backbone, self.hparams.drop_path_rate, kwargs, grid, self)
         if grid:
             raise ValueError(
                 f"{setting(self, 'feature_grid')} applies to a timm student given by name; "

@@ -88,3 +88,22 @@ def test_a_warning_names_the_setting_as_the_caller_set_it():
     with pytest.warns(UserWarning, match=r"--model\.warmup_epochs=10\.0 is 40 steps, as long as the whole run"):
         main([*FIT, "--model.warmup_epochs=10", "--trainer.limit_train_batches=4", "--trainer.logger=false",
               "--checkpoint.dirpath=checkpoints"])
+
+
+def test_messages_name_the_class_the_user_built():
+    import timm
+
+    from lightning_dino import Distillation
+
+    teacher = timm.create_model("test_resnet", num_classes=0)
+    with pytest.raises(ValueError, match=r"^Distillation\(backbone=\.\.\.\): unknown timm model"):
+        Distillation(teacher, backbone="resnet_no_such_model")
+    with pytest.raises(ValueError, match=r"^Distillation\(lr=0\) is invalid"):
+        Distillation(teacher, backbone="test_resnet", lr=0)
+    with pytest.raises(ValueError, match=r"^Distillation\(feature_grid=\.\.\.\) needs a ViT with a class token"):
+        Distillation(teacher, backbone="vit_tiny_patch16_224", feature_grid=2,
+                     backbone_kwargs={"class_token": False, "global_pool": "avg", "img_size": 32})
+    with pytest.raises(ValueError, match=r"^DINO\(backbone=\.\.\.\): unknown timm model"):
+        DINO(backbone="resnet_no_such_model")
+    with cli_flags(), pytest.raises(ValueError, match=r"^--model\.backbone: unknown timm model"):
+        Distillation(teacher, backbone="resnet_no_such_model")

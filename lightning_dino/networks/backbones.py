@@ -49,6 +49,7 @@ def create_timm_backbone(
     drop_path_rate: float = 0.0,
     backbone_kwargs: dict[str, Any] | None = None,
     feature_grid: int = 0,
+    owner: object = "model",
 ) -> nn.Module:
     """Create a timm model without classifier that returns pooled features (B, D).
 
@@ -64,6 +65,7 @@ def create_timm_backbone(
         feature_grid: 0 keeps the model's own pooling; g > 0 keeps a coarse layout (see
             :func:`use_grid_pooling`): a CNN's last map averaged to a g x g grid and flattened,
             a ViT's class token followed by its patch tokens averaged to a g x g grid.
+        owner: The method the backbone is for, to name its settings in messages.
 
     Returns:
         The backbone module.
@@ -75,7 +77,7 @@ def create_timm_backbone(
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ValueError(
-            f"{setting('model', 'backbone')}: unknown timm model {name!r}.{hint} "
+            f"{setting(owner, 'backbone')}: unknown timm model {name!r}.{hint} "
             "List all with `python -c 'import timm; print(timm.list_models())'`."
         )
     errors = []
@@ -85,7 +87,7 @@ def create_timm_backbone(
         except TypeError as err:  # the model does not take one of the optional arguments
             errors.append(str(err))
             continue
-        return use_grid_pooling(model, feature_grid) if feature_grid else model
+        return use_grid_pooling(model, feature_grid, owner) if feature_grid else model
     raise TypeError(f"could not create timm model {name!r}: {errors[-1]}")
 
 
@@ -139,7 +141,7 @@ class TokenGridPool(GridPool):
         return torch.cat([tokens[:, 0], super().forward(fmap)], dim=1)
 
 
-def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
+def use_grid_pooling(backbone: nn.Module, grid: int, owner: object = "model") -> nn.Module:
     """Make a timm model's features keep a coarse ``grid x grid`` layout, in place.
 
     A CNN's ``global_pool`` becomes :class:`GridPool`; a ViT with a class token pools with
@@ -151,6 +153,7 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
         backbone: A timm CNN with a ``global_pool`` module and ``num_features`` (ResNet family),
             or a timm VisionTransformer with a class token and no attention pooling.
         grid: Output cells per side (>= 1).
+        owner: The method, to name ``feature_grid`` in messages.
 
     Returns:
         ``backbone``, whose output is now (B, num_features * grid * grid) for a CNN and
@@ -161,16 +164,16 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
     """
     if grid < 1:
         raise ValueError(
-            f"{setting('model', 'feature_grid')} must be >= 1 (or 0 for the model's pooling), "
+            f"{setting(owner, 'feature_grid')} must be >= 1 (or 0 for the model's pooling), "
             f"got {grid}"
         )
     if is_vit(backbone):
         has_class_token = getattr(backbone, "cls_token", None) is not None
         if not has_class_token or getattr(backbone, "attn_pool", 0) is not None:
             raise ValueError(
-                f"{setting('model', 'feature_grid')} needs a ViT with a class token and no "
+                f"{setting(owner, 'feature_grid')} needs a ViT with a class token and no "
                 f"attention pooling (global_pool: token); {type(backbone).__name__} is not one. "
-                f"Use {setting('model', 'feature_grid', 0)}."
+                f"Use {setting(owner, 'feature_grid', 0)}."
             )
         # timm's VisionTransformer.pool hands every token to attn_pool when it is set
         backbone.attn_pool = TokenGridPool(grid, backbone.num_prefix_tokens)
@@ -179,9 +182,9 @@ def use_grid_pooling(backbone: nn.Module, grid: int) -> nn.Module:
         return backbone
     if not isinstance(getattr(backbone, "global_pool", None), nn.Module):
         raise ValueError(
-            f"{setting('model', 'feature_grid')} needs a CNN with a `global_pool` module (timm "
+            f"{setting(owner, 'feature_grid')} needs a CNN with a `global_pool` module (timm "
             f"ResNet family) or a timm ViT; {type(backbone).__name__} has neither. Use "
-            f"{setting('model', 'feature_grid', 0)}."
+            f"{setting(owner, 'feature_grid', 0)}."
         )
     channels = backbone.num_features
     backbone.global_pool = GridPool(grid)
@@ -234,11 +237,12 @@ def feature_width(vit: nn.Module) -> int:
     return width
 
 
-def feature_dim(backbone: nn.Module) -> int:
+def feature_dim(backbone: nn.Module, owner: object = "model") -> int:
     """Output feature dimension of a backbone: ``num_features`` or ``embed_dim``, else probed.
 
     Args:
         backbone: A module mapping (B, C, H, W) images to (B, D) features.
+        owner: The method, to name ``backbone_dim`` in messages.
 
     Returns:
         D.
@@ -256,7 +260,7 @@ def feature_dim(backbone: nn.Module) -> int:
             "cannot find the feature width of the backbone module: it has no integer "
             "num_features / embed_dim attribute, and running it on a 224x224 image failed "
             f"({type(err).__name__}: {err}). Give the module a num_features attribute or pass "
-            f"{setting('model', 'backbone_dim')}"
+            f"{setting(owner, 'backbone_dim')}"
         ) from err
     finally:
         backbone.train(was_training)
@@ -419,6 +423,7 @@ def build_student_teacher(
     compile: bool = False,
     patch_head_kwargs: dict[str, Any] | None = None,
     check_backbone: Callable[[nn.Module, int], None] | None = None,
+    owner: object = "model",
 ) -> tuple[MultiCropNetwork, MultiCropNetwork]:
     """Build the student and a separate teacher with the same initial weights.
 
@@ -441,26 +446,27 @@ def build_student_teacher(
             tokens, with these arguments (except ``in_dim``); None: one head for both.
         check_backbone: Called with the student backbone and its feature width D once they are
             built, before the heads: raises when the method's loss terms cannot use it.
+        owner: The method, to name its settings in messages.
 
     Returns:
         ``(student, teacher)``.
     """
     if isinstance(backbone, str):
         student_backbone = create_timm_backbone(
-            backbone, drop_path_rate, backbone_kwargs, feature_grid
+            backbone, drop_path_rate, backbone_kwargs, feature_grid, owner
         )
-        teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs, feature_grid)
+        teacher_backbone = create_timm_backbone(backbone, 0.0, backbone_kwargs, feature_grid, owner)
     elif feature_grid:
         raise ValueError(
-            f"{setting('model', 'feature_grid')} applies to timm backbones given by name; for "
+            f"{setting(owner, 'feature_grid')} applies to timm backbones given by name; for "
             "your own module, pool inside it (e.g. "
             "lightning_dino.networks.backbones.use_grid_pooling) "
-            f"and pass {setting('model', 'feature_grid', 0)}"
+            f"and pass {setting(owner, 'feature_grid', 0)}"
         )
     else:
         student_backbone = backbone
         teacher_backbone = copy.deepcopy(backbone)
-    in_dim = backbone_dim or feature_dim(student_backbone)
+    in_dim = backbone_dim or feature_dim(student_backbone, owner)
     if check_backbone is not None:
         check_backbone(student_backbone, in_dim)
 

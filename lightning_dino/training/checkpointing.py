@@ -321,17 +321,21 @@ def _check_finite(trainer: pl.Trainer, filepath: str, last_saved: str) -> None:
     raise FloatingPointError(
         f"not writing {filepath}: {bad} is NaN or infinite at global step "
         f"{trainer.global_step}, epoch {trainer.current_epoch}; {kept}. Likely fixes: "
-        f"{non_finite_fixes()}; resume from the kept checkpoint with "
+        f"{non_finite_fixes(module)}; resume from the kept checkpoint with "
         f"{setting('Trainer.fit', 'ckpt_path')}."
     )
 
 
-def non_finite_fixes() -> str:
-    """The usual fixes of a run whose loss or weights became NaN or infinite, for messages."""
+def non_finite_fixes(owner: object = "model") -> str:
+    """The usual fixes of a run whose loss or weights became NaN or infinite, for messages.
+
+    Args:
+        owner: The method module, to name its settings.
+    """
     return (
         f"{setting('trainer', 'precision', 'bf16-mixed')} or 32 instead of 16-mixed, a lower "
-        f"{setting('model', 'lr')}, a lower {setting('model', 'teacher_temp')}, or a smaller "
-        f"{setting('model', 'clip_grad')}"
+        f"{setting(owner, 'lr')}, a lower {setting(owner, 'teacher_temp')}, or a smaller "
+        f"{setting(owner, 'clip_grad')}"
     )
 
 
@@ -399,5 +403,5 @@ def check_finite_loss(module: pl.LightningModule, loss: torch.Tensor) -> None:
         raise FloatingPointError(
             f"non-finite {type(module).__name__} loss (here {loss.item()}) at global step "
             f"{module.global_step}, epoch {module.current_epoch}. Likely fixes: "
-            f"{non_finite_fixes()}. The last checkpoint written before this step is intact."
+            f"{non_finite_fixes(module)}. The last checkpoint written before this step is intact."
         )

@@ -47,7 +47,7 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
         if size is not None:
             _check_crop_size(model.student.backbone, setting("data", key, size), size)
     batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
-    _check_batch_norm(model.student, batch_size, trainer)
+    _check_batch_norm(model, batch_size, trainer)
     if batch_size is not None:
         model.check_batch_size(batch_size)
 
@@ -113,17 +113,19 @@ def _size_hint(backbone: nn.Module, size: int) -> str:
     )
 
 
-def _check_batch_norm(student: nn.Module, batch_size: int | None, trainer: pl.Trainer) -> None:
+def _check_batch_norm(
+    model: pl.LightningModule, batch_size: int | None, trainer: pl.Trainer
+) -> None:
     if batch_size is None or batch_size > 1:
         return
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.student.modules()):
         return
     synced = getattr(trainer.strategy, "_layer_sync", None) is not None
     if synced and trainer.world_size > 1:
         return
     raise ValueError(
         f"{setting('data', 'batch_size', batch_size)}: the student has BatchNorm layers (in "
-        f"the backbone or from {setting('model', 'use_bn_in_head')}), whose training statistics "
+        f"the backbone or from {setting(model, 'use_bn_in_head')}), whose training statistics "
         f"need several images per device; use {setting('data', 'batch_size')} >= 2 (or, on "
         f"several devices, {setting('trainer', 'sync_batchnorm', True)}), or a backbone without "
         "BatchNorm such as a ViT"
