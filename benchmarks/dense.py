@@ -58,7 +58,7 @@ from lightning_dino import DINO
 from lightning_dino.data.batched import BatchedMultiCropTransform
 from lightning_dino.data.builtin_datasets import load_fashion_mnist
 from lightning_dino.eval.knn import knn_accuracy
-from lightning_dino.networks.backbones import vit_tokens
+from lightning_dino.networks.tokens import token_forward
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -312,7 +312,7 @@ def patch_features(backbone: nn.Module, mosaics: Tensor, batch_size: int = 100) 
     """
     backbone.eval()
     chunks = [
-        vit_tokens(backbone, normalise(mosaics[i : i + batch_size]))
+        token_forward(backbone, normalise(mosaics[i : i + batch_size]))[1]
         for i in range(0, len(mosaics), batch_size)
     ]
     return torch.cat(chunks)[:, backbone.num_prefix_tokens :]

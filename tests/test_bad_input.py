@@ -97,7 +97,7 @@ def test_koleo_with_one_image_per_device_names_both_flags_before_training(no_dat
 
 def test_ibot_with_a_resnet_names_the_flag(no_data_reads, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"--model.ibot_loss_weight needs a timm ViT backbone.*not ResNet"):
+    with pytest.raises(ValueError, match=r"--model.ibot_loss_weight needs patch tokens: ResNet is not a timm ViT"):
         main(["fit", "--config", str(CONF / "tiny_resnet.yaml"), "--model.ibot_loss_weight=1"])
 
 

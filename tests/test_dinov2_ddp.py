@@ -10,9 +10,9 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_dino.losses.ibot as module_mod
 from lightning_dino import DINO
-from lightning_dino.networks.backbones import vit_tokens
 from tests.conftest import TINY_VIT, CropData, make_trainer, run_on_gloo
 from tests.losses.test_losses_dinov2 import koleo_brute_force
+from tests.networks.test_networks_tokens import reference_tokens
 
 SETTINGS = {**TINY_VIT, "drop_path_rate": 0.0, "warmup_epochs": 0, "ibot_loss_weight": 1.0,
             "koleo_loss_weight": 0.1, "monitors": False}
@@ -62,10 +62,10 @@ def test_ibot_centre_is_all_reduced_and_koleo_is_per_rank(tmp_path):
         images, masks = torch.cat(r["globals"]), r["masks"]
         assert images.shape[0] == 8 and masks.shape == (8, 16) and masks.any()  # 2 crops x 4 images
         with torch.no_grad():
-            tokens = vit_tokens(start.teacher.backbone, images)[:, 1:]
+            tokens = reference_tokens(start.teacher.backbone, images)[:, 1:]
             teacher_patches.append(start.teacher.head(tokens[masks]))
             # KoLeo on the student's class tokens of the masked global crops, per crop and per rank.
-            cls = vit_tokens(start.student.backbone, images, masks, start.student.mask_token)[:, 0]
+            cls = reference_tokens(start.student.backbone, images, masks, start.student.mask_token)[:, 0]
         per_crop = [koleo_brute_force(cls[:4]), koleo_brute_force(cls[4:])]
         koleo_terms.append(sum(per_crop))
         torch.testing.assert_close(r["koleo"].double(), torch.tensor(per_crop, dtype=torch.float64),
@@ -86,7 +86,7 @@ def test_ibot_centre_is_all_reduced_and_koleo_is_per_rank(tmp_path):
     with torch.no_grad():
         both = torch.cat([torch.cat(r["globals"]) for r in ranks])
         both_masks = torch.cat([r["masks"] for r in ranks])
-        cls = vit_tokens(start.student.backbone, both, both_masks, start.student.mask_token)[:, 0]
+        cls = reference_tokens(start.student.backbone, both, both_masks, start.student.mask_token)[:, 0]
     crop_rows = [torch.cat([cls[0:4], cls[8:12]]), torch.cat([cls[4:8], cls[12:16]])]
     gathered = sum(koleo_brute_force(rows) for rows in crop_rows)
     assert abs(gathered - logged.item()) > 1e-2  # what an all-gathered KoLeo would give instead

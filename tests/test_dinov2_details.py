@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_dino import DINO
 from lightning_dino.losses.gram import GramTerm
-from lightning_dino.networks.backbones import vit_tokens
 from tests.conftest import TINY_VIT, CropData, make_trainer
+from tests.networks.test_networks_tokens import reference_tokens
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -60,7 +60,7 @@ def test_a_separate_ibot_head_projects_the_patches():
                  ibot_out_dim=48, ibot_bottleneck_dim=8)
     fresh.load_state_dict(start)
     with torch.no_grad():
-        tokens = vit_tokens(fresh.teacher.backbone, torch.cat(outputs.crops[:2]))[:, 1:]
+        tokens = reference_tokens(fresh.teacher.backbone, torch.cat(outputs.crops[:2]))[:, 1:]
         torch.testing.assert_close(outputs.teacher_patch_logits, fresh.teacher.patch_head(tokens[outputs.masks]))
     assert outputs.student_patch_logits.shape == (int(outputs.masks.sum()), 48)
     moved = [k for k in start if k.startswith(("student.patch_head", "teacher.patch_head"))

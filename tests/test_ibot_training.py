@@ -8,9 +8,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dino import DINO, DINOLoss, iBOTPatchLoss
-from lightning_dino.networks.backbones import vit_tokens
 from lightning_dino.networks.masking import batch_masks, block_mask
 from tests.conftest import TINY_VIT, CropData, make_trainer
+from tests.networks.test_networks_tokens import reference_tokens
 
 
 def test_block_masks_cover_about_the_target_in_blocks():
@@ -46,9 +46,9 @@ def test_a_masked_patch_is_hidden_from_the_student_and_the_rest_is_not():
     changed = images.clone()
     changed[..., 8:16, 8:16] += 1.0
     with torch.no_grad():
-        assert torch.equal(vit_tokens(vit, images, masks, token), vit_tokens(vit, changed, masks, token))
-        assert not torch.equal(vit_tokens(vit, images), vit_tokens(vit, changed))
-        torch.testing.assert_close(vit_tokens(vit, images), vit.forward_features(images))
+        assert torch.equal(reference_tokens(vit, images, masks, token), reference_tokens(vit, changed, masks, token))
+        assert not torch.equal(reference_tokens(vit, images), reference_tokens(vit, changed))
+        torch.testing.assert_close(reference_tokens(vit, images), vit.forward_features(images))
 
 
 def test_dino_plus_ibot_plus_koleo_trains_and_the_loss_is_its_weighted_terms():
@@ -105,8 +105,8 @@ def test_ibot_loss_of_one_step_equals_an_independent_computation():
     # Independently: tokens of each network, heads on the masked patches, per-image loop.
     images = torch.cat(crops[:2])
     with torch.no_grad():
-        student_tokens = vit_tokens(start.student.backbone, images, masks, start.student.mask_token)
-        teacher_tokens = vit_tokens(start.teacher.backbone, images)
+        student_tokens = reference_tokens(start.student.backbone, images, masks, start.student.mask_token)
+        teacher_tokens = reference_tokens(start.teacher.backbone, images)
         s = start.student.head(student_tokens[:, 1:][masks])
         t = torch.softmax(start.teacher.head(teacher_tokens[:, 1:][masks]) / temp, dim=-1)  # centre 0
     total, row = 0.0, 0

@@ -1,10 +1,11 @@
 """Self-attention maps of a ViT's CLS token (Caron et al. 2021, §4.2.2, Figs. 1, 3 and 4).
 
 Reference: facebookresearch/dino ``visualize_attention.py``. The map of a head is the last block's
-attention probability from the CLS query to every patch key, on the patch grid. The maps are
-recomputed by a temporary forward hook on ``blocks[-1].attn`` from that module's own input and
-weights (``qkv``, ``q_norm``, ``k_norm``, ``scale``), so fused (SDPA) attention keeps working, the
-backbone's outputs are untouched, and nothing is left behind.
+attention probability from the CLS query to every patch key, on the patch grid. For the one
+forward that reads them, the last block's attention runs its explicit (not fused) path, and a
+temporary hook on its ``attn_drop`` (called with the softmax probabilities) keeps them: the
+model's own computation, rotary positions included (timm ``Eva``, as DINOv3), for timm's
+``VisionTransformer`` and ``Eva`` alike. The outputs are untouched and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import VisionTransformer
+from timm.models import Eva, VisionTransformer
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
@@ -30,29 +31,31 @@ from lightning_dino.extras import require
 _PURPOSE = "Attention images (AttentionMapMonitor, lightning-dino attention)"
 
 
-def check_vit(backbone: nn.Module) -> VisionTransformer:
+def check_vit(backbone: nn.Module) -> nn.Module:
     """Return ``backbone`` if its CLS attention can be read, else raise a clear error.
 
     Args:
         backbone: Candidate backbone.
 
     Returns:
-        The same module, typed as a timm ``VisionTransformer``.
+        The same module: a timm ``VisionTransformer`` or ``Eva``.
 
     Raises:
-        TypeError: ``backbone`` is not a timm ``VisionTransformer`` with a standard attention
-            module (``qkv`` projection) in its last block.
+        TypeError: ``backbone`` is not a timm ``VisionTransformer`` or ``Eva`` whose last block's
+            attention has an ``attn_drop`` module and a ``fused_attn`` switch (timm's attention).
         ValueError: The ViT has no class token.
     """
-    if not isinstance(backbone, VisionTransformer):
+    if not isinstance(backbone, VisionTransformer | Eva):
         raise TypeError(
-            "not a ViT: attention maps need a timm VisionTransformer "
+            "not a ViT: attention maps need a timm VisionTransformer or Eva "
             f"(got {type(backbone).__name__})"
         )
-    if not hasattr(backbone.blocks[-1].attn, "qkv"):
+    attn = backbone.blocks[-1].attn
+    readable = isinstance(getattr(attn, "attn_drop", None), nn.Module)
+    if not (readable and hasattr(attn, "fused_attn")):
         raise TypeError(
-            "attention maps need a last block whose attention has a fused `qkv` projection (timm "
-            f"Attention); got {type(backbone.blocks[-1].attn).__name__}"
+            "attention maps need a last block whose attention is timm's (an attn_drop module "
+            f"and a fused_attn switch); got {type(attn).__name__}"
         )
     if backbone.cls_token is None:
         raise ValueError(
@@ -73,7 +76,8 @@ def attention_maps(vit: nn.Module, images: Tensor, threshold: float | None = Non
     The model runs in eval mode under ``torch.inference_mode``; its mode is restored afterwards.
 
     Args:
-        vit: A timm ``VisionTransformer`` with a class token (any ``num_prefix_tokens``).
+        vit: A timm ``VisionTransformer`` or ``Eva`` with a class token (any
+            ``num_prefix_tokens``).
         images: Normalised images, shape (B, 3, H, W); H and W must suit the ViT (any multiple of
             the patch size when it was built with ``dynamic_img_size=True``).
         threshold: Fraction of mass to keep in (0, 1], or None for the raw maps.
@@ -83,7 +87,7 @@ def attention_maps(vit: nn.Module, images: Tensor, threshold: float | None = Non
         when ``threshold`` is given.
 
     Raises:
-        TypeError: ``vit`` is not a timm VisionTransformer (see :func:`check_vit`).
+        TypeError: ``vit`` is not a timm VisionTransformer or Eva (see :func:`check_vit`).
 
     Examples:
         >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)  # doctest: +SKIP
@@ -94,42 +98,25 @@ def attention_maps(vit: nn.Module, images: Tensor, threshold: float | None = Non
     attn_module = vit.blocks[-1].attn
     captured: list[Tensor] = []
 
-    def capture(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        captured.append(_cls_attention(module, args[0]))
+    def capture(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        captured.append(args[0][:, :, 0].float())  # the CLS query's row, (B, heads, N)
 
-    was_training = vit.training
-    handle = attn_module.register_forward_hook(capture)
+    was_training, was_fused = vit.training, attn_module.fused_attn
+    handle = attn_module.attn_drop.register_forward_pre_hook(capture)
     try:
         vit.eval()
+        attn_module.fused_attn = False
         with torch.inference_mode():
-            vit.forward_features(images)
+            vit(images)
     finally:
         handle.remove()
+        attn_module.fused_attn = was_fused
         vit.train(was_training)
     patches = captured[0][:, :, vit.num_prefix_tokens :]
     patches = patches / patches.sum(dim=-1, keepdim=True)
     grid_h, grid_w = vit.patch_embed.dynamic_feat_size(images.shape[-2:])
     maps = patches.reshape(*patches.shape[:2], grid_h, grid_w)
     return maps if threshold is None else attention_mass_mask(maps, threshold)
-
-
-def _cls_attention(attn: nn.Module, tokens: Tensor) -> Tensor:
-    """Recompute the CLS query's attention probabilities from a timm ``Attention``'s input.
-
-    Args:
-        attn: The timm ``Attention`` module (uses ``qkv``, ``q_norm``, ``k_norm``, ``scale``,
-            ``num_heads``, ``head_dim``).
-        tokens: Its input, shape (B, N, C), token 0 being CLS.
-
-    Returns:
-        float32 softmax over all N keys for the CLS query, shape (B, heads, N).
-    """
-    batch, num_tokens, _ = tokens.shape
-    qkv = attn.qkv(tokens).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
-    return logits.softmax(dim=-1)[:, :, 0]
 
 
 def attention_mass_mask(maps: Tensor, threshold: float) -> Tensor:

@@ -54,6 +54,7 @@ from lightning_dino.data.crops import IMAGENET_MEAN, IMAGENET_STD
 from lightning_dino.networks.backbones import (
     create_timm_backbone,
     feature_grid_of,
+    official_defaults,
     use_grid_pooling,
 )
 from lightning_dino.setting_names import setting, using_cli
@@ -330,20 +331,25 @@ def build_timm_backbone(hparams: dict[str, Any]) -> nn.Module:
     )
 
 
-def timm_model_args(model: nn.Module, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def timm_model_args(
+    model: nn.Module, backbone_kwargs: dict[str, Any] | None, architecture: str = ""
+) -> dict[str, Any]:
     """The ``timm.create_model`` arguments (besides ``num_classes=0``) that rebuild ``model``.
 
-    ``backbone_kwargs`` plus ``dynamic_img_size=True`` when the DINO builder enabled it (the
-    model keeps it as an attribute), minus drop rates, which only regularise training.
+    ``backbone_kwargs`` over the builder's defaults for the architecture (a DINOv3 model's class
+    token pooling), plus ``dynamic_img_size=True`` when the DINO builder enabled it (the model
+    keeps it as an attribute), minus drop rates, which only regularise training.
 
     Args:
         model: The backbone as :func:`build_timm_backbone` built it.
         backbone_kwargs: The checkpoint's ``backbone_kwargs`` hyperparameter.
+        architecture: The timm model name.
 
     Returns:
         JSON-serialisable keyword arguments.
     """
-    args = {k: v for k, v in (backbone_kwargs or {}).items() if k not in _DROP_RATE_ARGS}
+    given = {**official_defaults(architecture), **(backbone_kwargs or {})}
+    args = {k: v for k, v in given.items() if k not in _DROP_RATE_ARGS}
     if getattr(model, "dynamic_img_size", False):
         args["dynamic_img_size"] = True
     return args
@@ -367,7 +373,7 @@ def _timm_config(
     ckpt: dict[str, Any],
 ) -> dict[str, Any]:
     """config.json content for a timm backbone, in timm's Hugging Face layout."""
-    model_args = timm_model_args(model, backbone_kwargs)
+    model_args = timm_model_args(model, backbone_kwargs, architecture)
     config = {
         "architecture": architecture,
         "num_classes": 0,

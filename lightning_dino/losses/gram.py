@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from lightning_dino.losses.precision import full_precision
 from lightning_dino.losses.term import Check, LossTerm
-from lightning_dino.networks.backbones import MultiCropNetwork, is_vit, vit_tokens
+from lightning_dino.networks.backbones import MultiCropNetwork, is_vit
 from lightning_dino.networks.forward import TOKENS, StepOutputs
+from lightning_dino.networks.tokens import check_token_backbone, token_forward
 from lightning_dino.setting_names import setting
 
 
@@ -140,12 +141,8 @@ class GramTerm(LossTerm):
 
     @classmethod
     def check_backbone(cls, backbone: nn.Module, feature_dim: int, owner: object) -> None:
-        """A ViT: the loss compares patch tokens."""
-        if not is_vit(backbone):
-            raise ValueError(
-                f"{setting(owner, 'gram_loss_weight')} needs a ViT backbone (patch tokens), not "
-                f"{type(backbone).__name__}; use a ViT or {setting(owner, 'gram_loss_weight', 0)}"
-            )
+        """A timm ViT whose tokens the token forward reads: the loss compares patch tokens."""
+        check_token_backbone(backbone, owner, cls.weight_key())
 
     @classmethod
     def from_hparams(cls, hparams: Any, teacher: MultiCropNetwork) -> GramTerm:
@@ -210,7 +207,7 @@ class GramTerm(LossTerm):
             size = (self.image_size, self.image_size)
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
         with torch.no_grad():
-            anchors = vit_tokens(self.teacher, images)[:, self.teacher.num_prefix_tokens :]
+            anchors = token_forward(self.teacher, images)[1][:, self.teacher.num_prefix_tokens :]
             if self.image_size:
                 anchors = resize_patch_grid(anchors, images.shape[-2:], self.teacher, grid)
         return self.loss(outputs.patch_tokens, anchors)

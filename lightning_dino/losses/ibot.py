@@ -18,10 +18,11 @@ from lightning_dino.losses.center import EMACenter
 from lightning_dino.losses.precision import full_precision
 from lightning_dino.losses.sinkhorn_knopp import sinkhorn_knopp
 from lightning_dino.losses.term import Check, LossTerm
-from lightning_dino.networks.backbones import MultiCropNetwork, is_vit
+from lightning_dino.networks.backbones import MultiCropNetwork
 from lightning_dino.networks.forward import MASKS, TOKENS, StepOutputs
 from lightning_dino.networks.head import head_arguments
 from lightning_dino.networks.masking import batch_masks
+from lightning_dino.networks.tokens import check_token_backbone
 from lightning_dino.setting_names import setting
 
 
@@ -199,20 +200,13 @@ class iBOTTerm(LossTerm):
     @classmethod
     def check_backbone(cls, backbone: nn.Module, feature_dim: int, owner: object) -> None:
         """A timm ViT whose pooled features are its tokens, so one head takes both."""
-        width = getattr(backbone, "embed_dim", None)
-        if not is_vit(backbone) or not isinstance(width, int):
-            raise ValueError(
-                f"{setting(owner, 'ibot_loss_weight')} needs a timm ViT backbone (patch tokens "
-                f"and an embed_dim), not {type(backbone).__name__}; use a ViT such as "
-                f"{setting(owner, 'backbone', 'vit_small_patch16_224')} or "
-                f"{setting(owner, 'ibot_loss_weight', 0)}"
-            )
-        if feature_dim != width:
+        check_token_backbone(backbone, owner, cls.weight_key())
+        if feature_dim != backbone.embed_dim:
             raise ValueError(
                 f"{setting(owner, 'ibot_loss_weight')} needs a ViT whose features are its "
-                f"{feature_dim}-wide tokens (class token or average pooling, "
+                f"{backbone.embed_dim}-wide tokens (class token or average pooling, "
                 f"{setting(owner, 'feature_grid', 0)}), so that one head takes class and patch "
-                "tokens"
+                f"tokens; this backbone's features are {feature_dim}-wide"
             )
 
     @classmethod

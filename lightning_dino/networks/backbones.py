@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_dino.networks.head import DINOHead
+from lightning_dino.networks.tokens import token_forward
 from lightning_dino.setting_names import setting
 
 
@@ -34,8 +35,24 @@ def _local_weights_as_state_dict(extra: dict[str, Any]) -> dict[str, Any]:
     return {**extra, "pretrained_cfg_overlay": {**overlay, "custom_load": False}}
 
 
+def official_defaults(name: str) -> dict[str, Any]:
+    """``timm.create_model`` arguments that make a timm model what its authors trained.
+
+    timm builds its DINOv3 ports (``*_dinov3*``, timm ``Eva``) with average pooling; DINOv3's
+    own models give (and are evaluated on) the class token: ``global_pool="token"``.
+
+    Args:
+        name: The timm model name.
+
+    Returns:
+        The arguments (empty for every other model); the user's ``backbone_kwargs`` win.
+    """
+    return {"global_pool": "token"} if "_dinov3" in name else {}
+
+
 def _timm_kwargs(name: str, drop_path_rate: float, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """Candidate keyword sets for ``timm.create_model``, most specific first."""
+    extra = {**official_defaults(name), **extra}
     base = {"pretrained": False, "num_classes": 0, **_local_weights_as_state_dict(extra)}
     with_dpr = {**base, "drop_path_rate": drop_path_rate} if "drop_path_rate" not in extra else base
     candidates = [with_dpr, base]
@@ -55,7 +72,8 @@ def create_timm_backbone(
 
     ViTs (and any model that accepts it) get ``dynamic_img_size=True`` so global and local crops
     of different sizes go through the same network with interpolated position embeddings.
-    ``drop_path_rate`` is passed when the model accepts it. Weights are never downloaded.
+    ``drop_path_rate`` is passed when the model accepts it. DINOv3 models give their class token
+    (:func:`official_defaults`). Weights are never downloaded.
 
     Args:
         name: A timm model name, e.g. ``"vit_small_patch16_224"`` or ``"resnet50"``.
@@ -358,8 +376,8 @@ class MultiCropNetwork(nn.Module):
         vit = self.backbone
         batch = crops[0].shape[0]
         images = torch.cat(crops[:n_global])
-        tokens = vit_tokens(vit, images, masks if mask_input else None, self._mask_token())
-        features = vit.forward_head(tokens, pre_logits=True)
+        masked = masks if mask_input else None
+        features, tokens = token_forward(vit, images, masked, self._mask_token())
         patch_tokens = tokens[:, vit.num_prefix_tokens :]
         patches = patch_tokens[masks]  # (M, D)
         if hasattr(self, "patch_head"):
@@ -378,37 +396,6 @@ class MultiCropNetwork(nn.Module):
 
     def _mask_token(self) -> Tensor | None:
         return getattr(self, "mask_token", None)
-
-
-def vit_tokens(
-    vit: nn.Module, images: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None
-) -> Tensor:
-    """A timm ViT's output tokens (after the final norm), masked patches replaced first.
-
-    The steps of ``VisionTransformer.forward_features`` with one addition: after the patch
-    embedding, the embeddings of masked patches become ``mask_token`` (before the position
-    embedding is added, as in iBOT and DINOv2).
-
-    Args:
-        vit: A timm ``VisionTransformer``.
-        images: (B, C, H, W).
-        masks: Optional boolean (B, N) over the N patches, row-major.
-        mask_token: (1, D) embedding of masked patches (needed with ``masks``).
-
-    Returns:
-        Tokens (B, num_prefix_tokens + N, D).
-    """
-    x = vit.patch_embed(images)
-    if masks is not None:
-        if mask_token is None:
-            raise ValueError("masked patches need a mask_token")
-        selected = masks.reshape(x.shape[:-1]).unsqueeze(-1)  # (B, N, 1) or (B, h, w, 1)
-        x = torch.where(selected, mask_token.to(x.dtype).reshape(-1), x)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    x = vit.blocks(x)
-    return vit.norm(x)
 
 
 def build_student_teacher(

@@ -9,14 +9,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_dino.networks.head import DINOHead
+from lightning_dino.networks.tokens import token_forward, token_problem
 
 
 def pooled_and_map(backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
-    """A backbone's pooled features and its last feature map, from one forward.
+    """A backbone's pooled features and its last feature map, from one call of the backbone.
 
-    timm CNNs: ``forward_features`` is the (B, C, h, w) map and ``forward_head(pre_logits=True)``
-    pools it (grid pooling included). timm ViTs: the patch tokens laid out as their (B, D, h, w)
-    grid, and the pooled tokens (class token, or what ``feature_grid`` set). Any other module:
+    timm ViTs (``VisionTransformer``, ``Eva``): the pooled output and the patch tokens laid out
+    as their (B, D, h, w) grid (:func:`~lightning_dino.networks.tokens.token_forward`). timm CNNs
+    with a ``global_pool`` module (ResNet family; ``head.global_pool`` for ConvNeXt and others):
+    the pooled output and the map that module pools (grid pooling included). Any other module:
     its output as the pooled features and no map.
 
     Args:
@@ -26,17 +28,31 @@ def pooled_and_map(backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor 
     Returns:
         ``(pooled (B, D), map (B, C', h, w) or None)``.
     """
-    if not (hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head")):
+    if token_problem(backbone) is None:
+        pooled, tokens = token_forward(backbone, images)
+        patches = tokens[:, backbone.num_prefix_tokens :]
+        height, width = _token_grid(backbone, images, patches.shape[1])
+        return pooled, patches.transpose(1, 2).reshape(len(patches), -1, height, width)
+    pool = _pool_module(backbone)
+    if pool is None:
         return backbone(images), None
-    features = backbone.forward_features(images)
-    pooled = backbone.forward_head(features, pre_logits=True)
-    if features.ndim == 4:
-        return pooled, features
-    if features.ndim != 3:
-        return pooled, None
-    patches = features[:, getattr(backbone, "num_prefix_tokens", 1) :]
-    height, width = _token_grid(backbone, images, patches.shape[1])
-    return pooled, patches.transpose(1, 2).reshape(len(patches), -1, height, width)
+    maps: list[Tensor] = []
+    handle = pool.register_forward_pre_hook(lambda module, args: maps.append(args[0]))
+    try:
+        pooled = backbone(images)
+    finally:
+        handle.remove()
+    fmap = maps[-1] if maps and maps[-1].ndim == 4 else None
+    return pooled, fmap
+
+
+def _pool_module(backbone: nn.Module) -> nn.Module | None:
+    """The module that pools a timm CNN's last map: ``global_pool`` or ``head.global_pool``."""
+    for owner in (backbone, getattr(backbone, "head", None)):
+        pool = getattr(owner, "global_pool", None)
+        if isinstance(pool, nn.Module):
+            return pool
+    return None
 
 
 def _token_grid(vit: nn.Module, images: Tensor, n_patches: int) -> tuple[int, int]:
@@ -65,10 +81,10 @@ def map_channels(backbone: nn.Module, size: int | None = None) -> int | None:
     Returns:
         C' of the (B, C', h, w) map, or None.
     """
-    if not (hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head")):
-        return None
-    if hasattr(backbone, "patch_embed") and isinstance(getattr(backbone, "embed_dim", None), int):
+    if token_problem(backbone) is None:
         return backbone.embed_dim
+    if _pool_module(backbone) is None:
+        return None
     if size is None:
         size = int((getattr(backbone, "pretrained_cfg", None) or {}).get("input_size", [224])[-1])
     was_training = backbone.training

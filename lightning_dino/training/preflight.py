@@ -82,9 +82,10 @@ def _check_crop_size(
     height, width = (size, size) if isinstance(size, int) else size
     was_training = backbone.training
     try:
-        with torch.no_grad():
-            # forward() itself: a backbone compiled in place is not compiled for this shape.
-            features = backbone.eval().forward(torch.zeros(1, 3, height, width, device=device))
+        # A module call (a sharded backbone's hooks fire), eager: a backbone compiled in place
+        # is not compiled for this shape.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            features = backbone.eval()(torch.zeros(1, 3, height, width, device=device))
     except Exception as err:  # timm raises AssertionError, RuntimeError, ValueError...
         raise ValueError(
             f"{what}: the backbone cannot take {height}x{width} crops "

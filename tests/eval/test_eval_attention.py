@@ -96,7 +96,7 @@ def test_mass_mask_on_known_map():
 
 def test_non_vit_gets_clear_error():
     resnet = timm.create_model("test_resnet", pretrained=False, num_classes=0)
-    with pytest.raises(TypeError, match=r"not a ViT: .*timm VisionTransformer \(got ResNet\)"):
+    with pytest.raises(TypeError, match=r"not a ViT: .*timm VisionTransformer or Eva \(got ResNet\)"):
         attention_maps(resnet, torch.randn(1, 3, 32, 32))
 
 

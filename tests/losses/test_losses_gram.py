@@ -69,5 +69,5 @@ def test_gram_loss_is_zero_when_student_and_gram_teacher_are_the_same_network():
     make_trainer(max_steps=2, callbacks=[Record()], log_every_n_steps=1).fit(model, CropData(batch_size=4, n=8))
     # Step 0: the Gram teacher is the teacher, which starts as a copy of the student.
     assert seen[0] < 1e-10 and seen[1] > seen[0]
-    with pytest.raises(ValueError, match=r"DINO\(gram_loss_weight=...\) needs a ViT"):
+    with pytest.raises(ValueError, match=r"DINO\(gram_loss_weight=...\) needs patch tokens: ResNet is not a timm ViT"):
         DINO(backbone="test_resnet", out_dim=16, hidden_dim=8, bottleneck_dim=4, gram_loss_weight=1.0)

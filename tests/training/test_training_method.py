@@ -91,7 +91,7 @@ def test_trains_resumes_exactly_exports_and_evaluates_through_the_commands(tmp_p
 
 
 def test_a_method_that_cannot_serve_its_backbone_is_named_by_its_class():
-    with pytest.raises(ValueError, match=r"iBOTOnly\(ibot_loss_weight=\.\.\.\) needs a timm ViT"):
+    with pytest.raises(ValueError, match=r"iBOTOnly\(ibot_loss_weight=\.\.\.\) needs patch tokens"):
         iBOTOnly(backbone="test_resnet")
     with pytest.raises(ValueError, match=r"iBOTOnly\(lr=-1\) is invalid"):
         iBOTOnly(lr=-1)
