@@ -25,6 +25,7 @@ from lightning_dino.losses.term import LossTerm, add_term_losses, forward_reques
 from lightning_dino.networks.backbones import build_student_teacher
 from lightning_dino.networks.forward import forward_step
 from lightning_dino.networks.head import head_arguments
+from lightning_dino.networks.rope import use_rope_rescale
 from lightning_dino.setting_names import setting
 from lightning_dino.training.ema import TeacherEMA
 from lightning_dino.training.method import Batch, Check, Method
@@ -56,12 +57,17 @@ class DINO(Method):
             map to a g x g grid and flattens it, or appends a ViT's patch tokens averaged to a
             g x g grid to its class token (for small, centred images such as Fashion-MNIST).
         drop_path_rate: Stochastic depth of the student backbone (the teacher has none).
+        rope_rescale_coords: DINOv3's training-time rescaling of the student's rotary
+            coordinates, a log-uniform factor in [1/r, r] per block (2 in DINOv3; 0 = off;
+            timm's ``*_dinov3`` backbones; see :mod:`~lightning_dino.networks.rope`).
         out_dim: Number of prototypes K of the head.
         hidden_dim: Hidden width of the head's MLP.
         bottleneck_dim: Dimension of the head's L2-normalised bottleneck.
         n_head_layers: Number of Linear layers of the head's MLP.
         use_bn_in_head: BatchNorm in the head's MLP.
         norm_last_layer: Freeze the weight-norm magnitude of the student's last layer at 1.
+        head_weight_norm: Weight-normalise the heads' last layer (DINO, DINOv2); False: a plain
+            Linear, as DINOv3 (``norm_last_layer`` then does not apply).
         n_global_crops: How many leading crops are global (teacher) views.
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after the warmup.
@@ -72,17 +78,21 @@ class DINO(Method):
         center_momentum: EMA momentum of the loss centre; 1.0 keeps the centre at 0.
         centering: ``"center"`` (DINO's EMA centre) or ``"sinkhorn_knopp"`` (DINOv2's option,
             3 iterations over the global batch).
+        local_loss_weight: Factor on the local crops' pairs of the DINO loss (DINOv3's Gram and
+            high-resolution phases: 0.5; see :class:`~lightning_dino.losses.dino.DINOLoss`).
         koleo_loss_weight: DINOv2's KoLeo term; see :class:`~lightning_dino.losses.koleo.KoLeoTerm`.
         ibot_loss_weight: DINOv2's iBOT term; see :class:`~lightning_dino.losses.ibot.iBOTTerm`.
         gram_loss_weight: DINOv3's Gram anchoring; see
             :class:`~lightning_dino.losses.gram.GramTerm`.
-        gram_start_step: See ``GramTerm``.
+        koleo_group_size: See ``KoLeoTerm``.
+        gram_start_step: See ``GramTerm`` (as the other ``gram_*`` arguments).
         gram_update_every: See ``GramTerm``.
         gram_max_updates: See ``GramTerm``.
         gram_remove_negatives: See ``GramTerm``.
         gram_image_size: See ``GramTerm``.
-        ibot_mask_ratio: See ``iBOTTerm``.
+        ibot_mask_ratio: See ``iBOTTerm`` (as the other ``ibot_*`` arguments).
         ibot_mask_probability: See ``iBOTTerm``.
+        ibot_mask_rule: See ``iBOTTerm``.
         ibot_separate_head: See ``iBOTTerm``.
         ibot_out_dim: See ``iBOTTerm``.
         ibot_bottleneck_dim: See ``iBOTTerm``.
@@ -91,13 +101,17 @@ class DINO(Method):
         patch_embed_lr_mult: Extra learning-rate factor of the patch embedding (0.2 in DINOv2).
         momentum_teacher: Teacher EMA momentum at step 0; cosine to ``momentum_teacher_end``.
         momentum_teacher_end: Teacher EMA momentum at the last step (1.0).
-        lr: Base learning rate for a global batch of 256; the peak is
-            ``lr * per_device_batch * devices * accumulate_grad_batches / 256``.
+        lr: Base learning rate; the peak is ``lr * global_batch / 256`` (``lr_scaling``).
         min_lr: Final learning rate of the cosine decay.
         warmup_epochs: Epochs of linear learning-rate warmup, per step (may be fractional).
         weight_decay: Weight decay at step 0 (decay group only).
         weight_decay_end: Weight decay at the last step (cosine, per step).
-        clip_grad: Per-tensor gradient-norm clip after unscaling; 0 disables.
+        clip_grad: Gradient-norm clip after unscaling; 0 disables.
+        clip_mode: ``"per_tensor"`` (DINO) or ``"per_module"`` (DINOv2, DINOv3: one global norm
+            each for the backbone and each head).
+        adamw_betas: AdamW's betas ((0.9, 0.999); DINOv3's ViT-7B: (0.9, 0.99)).
+        lr_scaling: ``"linear_wrt_256"`` (DINO) or ``"sqrt_wrt_1024"`` (DINOv3:
+            ``lr * 4 * sqrt(global batch / 1024)``).
         freeze_last_layer: Epochs during which the head's last-layer gradients are dropped (set to
             None, so AdamW applies neither the update nor weight decay).
         freeze_backbone_steps: Optimizer steps during which only the head trains: a head warm-up
@@ -115,7 +129,8 @@ class DINO(Method):
 
     structural_keys = (
         "out_dim", "hidden_dim", "bottleneck_dim", "n_head_layers", "use_bn_in_head",
-        "norm_last_layer", "ibot_separate_head", "ibot_out_dim", "ibot_bottleneck_dim",
+        "norm_last_layer", "head_weight_norm", "ibot_separate_head", "ibot_out_dim",
+        "ibot_bottleneck_dim",
     )
 
     def __init__(
@@ -124,12 +139,14 @@ class DINO(Method):
         backbone_kwargs: dict[str, Any] | None = None,
         feature_grid: int = 0,
         drop_path_rate: float = 0.1,
+        rope_rescale_coords: float = 0.0,
         out_dim: int = 65536,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         n_head_layers: int = 3,
         use_bn_in_head: bool = False,
         norm_last_layer: bool = True,
+        head_weight_norm: bool = True,
         n_global_crops: int = 2,
         student_temp: float = 0.1,
         teacher_temp: float = 0.04,
@@ -138,7 +155,9 @@ class DINO(Method):
         teacher_temp_per_step: bool = False,
         center_momentum: float = 0.9,
         centering: Literal["center", "sinkhorn_knopp"] = "center",
+        local_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.0,
+        koleo_group_size: int = 0,
         ibot_loss_weight: float = 0.0,
         gram_loss_weight: float = 0.0,
         gram_start_step: int = 0,
@@ -148,6 +167,7 @@ class DINO(Method):
         gram_image_size: int = 0,
         ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
         ibot_mask_probability: float = 0.5,
+        ibot_mask_rule: Literal["dinov2", "dinov3"] = "dinov2",
         ibot_separate_head: bool = False,
         ibot_out_dim: int = 0,
         ibot_bottleneck_dim: int = 0,
@@ -161,6 +181,9 @@ class DINO(Method):
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.4,
         clip_grad: float = 3.0,
+        clip_mode: Literal["per_tensor", "per_module"] = "per_tensor",
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        lr_scaling: Literal["linear_wrt_256", "sqrt_wrt_1024"] = "linear_wrt_256",
         freeze_last_layer: int = 1,
         freeze_backbone_steps: int = 0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -185,9 +208,9 @@ class DINO(Method):
             backbone_dim, channels_last=channels_last, compile=compile,
             check_backbone=check_backbone, owner=self, **options,
         )
-        self.loss = DINOLoss(
-            out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
-        )
+        if rope_rescale_coords:
+            use_rope_rescale(self.student.backbone, rope_rescale_coords, self)
+        self.loss = DINOLoss(out_dim, student_temp, center_momentum, centering, local_loss_weight)
         self.loss.defer_center_update = True  # applied once per optimizer step
         for term_class in enabled:
             term = term_class.from_hparams(hp, self.teacher)
@@ -213,6 +236,9 @@ class DINO(Method):
              "use center or sinkhorn_knopp"),
             (hp.freeze_last_layer >= 0, "freeze_last_layer", "use a non-negative epoch count"),
             (hp.freeze_backbone_steps >= 0, "freeze_backbone_steps", "use 0 or more steps"),
+            (hp.local_loss_weight >= 0, "local_loss_weight", "use a weight >= 0 (1.0; 0.5)"),
+            (hp.rope_rescale_coords == 0 or hp.rope_rescale_coords >= 1, "rope_rescale_coords",
+             "use 0 (off) or a factor >= 1 (2 in DINOv3)"),
         ]
         terms = [row for term in TERMS for row in term.argument_checks(hp)]
         return [*super().argument_checks(), *rows, *terms]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_dino.distillation_objectives import make_objective
 from lightning_dino.eval.diagnostics import CollapseMonitor
 from lightning_dino.io.frozen_teacher import load_teacher
+from lightning_dino.losses.ibot import iBOTTerm
 from lightning_dino.networks.backbones import create_timm_backbone, feature_dim
 from lightning_dino.setting_names import setting
 from lightning_dino.training.ema import TeacherEMA
@@ -66,6 +67,14 @@ class Distillation(Method):
         center_momentum: ``"dino"``: EMA momentum of the centre.
         norm_last_layer: ``"dino"``: freeze the weight-norm magnitude of the student head's
             last layer.
+        ibot_loss_weight: ``"dino"``: weight of DINOv3's iBOT targets (0 = off): the teacher's
+            iBOT head on its patch tokens at random positions of the global crops, which the
+            student (a ViT with the teacher's patch grid) predicts from the whole crops; the
+            teacher must have trained with iBOT.
+        koleo_loss_weight: ``"dino"``: weight of KoLeo on the student's global-crop features.
+        ibot_mask_ratio: ``"dino"`` with iBOT: see :class:`~lightning_dino.losses.ibot.iBOTTerm`.
+        ibot_mask_probability: See ``iBOTTerm``.
+        ibot_mask_rule: See ``iBOTTerm``.
         ema_momentum: Momentum of the student's EMA at step 0; cosine to ``ema_momentum_end``
             (0 and 0: the EMA is a copy of the student).
         ema_momentum_end: Momentum of the EMA at the last step.
@@ -74,7 +83,10 @@ class Distillation(Method):
         warmup_epochs: Epochs of linear learning-rate warmup.
         weight_decay: Weight decay at step 0.
         weight_decay_end: Weight decay at the last step.
-        clip_grad: Per-tensor gradient-norm clip; 0 disables.
+        clip_grad: Gradient-norm clip; 0 disables.
+        clip_mode: ``"per_tensor"`` or ``"per_module"`` (see :class:`~lightning_dino.DINO`).
+        adamw_betas: AdamW's betas.
+        lr_scaling: ``"linear_wrt_256"`` or ``"sqrt_wrt_1024"`` (see ``DINO``).
         layerwise_decay: Layer-wise learning-rate decay of a ViT student (1.0 = off).
         patch_embed_lr_mult: Extra learning-rate factor of the patch embedding.
         optimizer: ``"adamw"`` or ``"sgd"``.
@@ -106,6 +118,11 @@ class Distillation(Method):
         centering: Literal["center", "sinkhorn_knopp"] = "center",
         center_momentum: float = 0.9,
         norm_last_layer: bool = True,
+        ibot_loss_weight: float = 0.0,
+        koleo_loss_weight: float = 0.0,
+        ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
+        ibot_mask_probability: float = 0.5,
+        ibot_mask_rule: Literal["dinov2", "dinov3"] = "dinov2",
         ema_momentum: float = 0.996,
         ema_momentum_end: float = 1.0,
         lr: float = 0.0005,
@@ -114,6 +131,9 @@ class Distillation(Method):
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.4,
         clip_grad: float = 3.0,
+        clip_mode: Literal["per_tensor", "per_module"] = "per_tensor",
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        lr_scaling: Literal["linear_wrt_256", "sqrt_wrt_1024"] = "linear_wrt_256",
         layerwise_decay: float = 1.0,
         patch_embed_lr_mult: float = 1.0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -126,11 +146,17 @@ class Distillation(Method):
         self.validate_arguments()
         if isinstance(teacher, Path):
             teacher = str(teacher)
-        self.teacher, run = load_teacher(teacher, teacher_kwargs, owner=self)
+        self.teacher, run = load_teacher(
+            teacher, teacher_kwargs, owner=self, patch_head=ibot_loss_weight > 0
+        )
         self.objective = make_objective(objective, self.hparams, self.teacher, run, owner=self)
         student_backbone = self._student_backbone(backbone, backbone_kwargs, feature_grid)
         in_dim = backbone_dim or feature_dim(student_backbone, self)
-        self.student, self.loss = self.objective.build(student_backbone, in_dim, self.teacher)
+        self.student, self.loss, terms = self.objective.build(
+            student_backbone, in_dim, self.teacher
+        )
+        for term in terms:
+            self.add_module(term.name, term)  # checkpoint keys <name>.*
         if channels_last and not hasattr(student_backbone, "patch_embed"):
             self.student.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
@@ -164,6 +190,9 @@ class Distillation(Method):
             (hp.spatial_loss_weight >= 0, "spatial_loss_weight", "use 0 (pooled only) or more"),
             (hp.teacher_image_size is None or hp.teacher_image_size > 0, "teacher_image_size",
              "use a positive side, or null for the crops as they are"),
+            (hp.ibot_loss_weight >= 0, "ibot_loss_weight", "use 0 (off) or a weight (1.0)"),
+            (hp.koleo_loss_weight >= 0, "koleo_loss_weight", "use 0 (off) or a weight (0.1)"),
+            *iBOTTerm.mask_checks(hp),
         ]
 
     def method_callbacks(self) -> list[Callback]:

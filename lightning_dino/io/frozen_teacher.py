@@ -24,6 +24,7 @@ def load_teacher(
     teacher: str | Path | nn.Module,
     teacher_kwargs: dict[str, Any] | None = None,
     owner: object = "model",
+    patch_head: bool = False,
 ) -> tuple[FrozenTeacher, dict[str, Any]]:
     """Build the frozen teacher of a distillation run.
 
@@ -40,12 +41,16 @@ def load_teacher(
               feature map).
         teacher_kwargs: ``timm.create_model`` arguments for a timm name.
         owner: The module the teacher is for, for the names in messages.
+        patch_head: Keep a DINO checkpoint's separate iBOT head in the teacher (for iBOT
+            targets); without it the teacher holds its backbone and DINO head only.
 
     Returns:
         ``(teacher, run)``: the teacher (eval mode, ``requires_grad=False``) and, for a DINO
         checkpoint, what its run trained with: ``head`` (the head's keyword arguments besides
-        ``in_dim``), ``teacher_temp`` and ``center`` (the (1, K) centre of its loss, or None);
-        an empty dict for a teacher without a head.
+        ``in_dim``), ``teacher_temp`` and ``center`` (the (1, K) centre of its loss, or None),
+        ``ibot`` (whether it trained with iBOT), ``patch_head`` (its separate iBOT head's
+        arguments, None when the DINO head serves the patches) and ``ibot_center``; an empty
+        dict for a teacher without a head.
 
     Raises:
         FileNotFoundError: If ``teacher`` is neither an existing path nor a timm model name.
@@ -66,12 +71,12 @@ def load_teacher(
     try:
         if path.is_dir() or path.suffix in (".json", ".safetensors"):
             return FrozenTeacher(load_backbone(path)), {}
-        return _from_checkpoint(path)
+        return _from_checkpoint(path, patch_head)
     except (UnreadableCheckpointError, ValueError, FileNotFoundError) as err:
         raise ValueError(f"{setting(owner, 'teacher', name)} cannot be read: {err}") from err
 
 
-def _from_checkpoint(path: Path) -> tuple[FrozenTeacher, dict[str, Any]]:
+def _from_checkpoint(path: Path, with_patch_head: bool) -> tuple[FrozenTeacher, dict[str, Any]]:
     """The network a checkpoint evaluates, with its DINO head and centre when it has them."""
     ckpt = read_checkpoint(path)
     which = default_network(ckpt)
@@ -87,9 +92,32 @@ def _from_checkpoint(path: Path) -> tuple[FrozenTeacher, dict[str, Any]]:
                    if key != "norm_last_layer"}
     head = DINOHead(int(backbone.num_features), **head_kwargs, norm_last_layer=True)
     head.load_state_dict(head_state)
-    center = state.get("loss.center")
-    return FrozenTeacher(backbone, head), {
+    patch_head, patch_kwargs = _patch_head(state, f"{which}.patch_head.", hp, head_kwargs, backbone)
+    center, ibot_center = state.get("loss.center"), state.get("ibot.loss.center")
+    return FrozenTeacher(backbone, head, patch_head if with_patch_head else None), {
         "head": head_kwargs,
         "teacher_temp": float(hp.get("teacher_temp", 0.04)),
         "center": None if center is None else center.clone(),
+        "ibot": hp.get("ibot_loss_weight", 0) > 0,
+        "patch_head": patch_kwargs,
+        "ibot_center": None if ibot_center is None else ibot_center.clone(),
     }
+
+
+def _patch_head(
+    state: dict[str, Any],
+    prefix: str,
+    hp: dict[str, Any],
+    head_kwargs: dict[str, Any],
+    backbone: nn.Module,
+) -> tuple[DINOHead | None, dict[str, Any] | None]:
+    """The separate iBOT head of a DINO teacher (and its arguments), or (None, None) if shared."""
+    patch_state = {key.removeprefix(prefix): value for key, value in state.items()
+                   if key.startswith(prefix)}
+    if not patch_state:
+        return None, None
+    kwargs = {**head_kwargs, "out_dim": hp.get("ibot_out_dim") or hp["out_dim"],
+              "bottleneck_dim": hp.get("ibot_bottleneck_dim") or hp["bottleneck_dim"]}
+    patch_head = DINOHead(int(backbone.num_features), **kwargs, norm_last_layer=True)
+    patch_head.load_state_dict(patch_state)
+    return patch_head, kwargs

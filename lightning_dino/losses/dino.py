@@ -37,6 +37,10 @@ class DINOLoss(EMACenter):
         centering: ``"center"`` (DINO: subtract the EMA centre, softmax at ``teacher_temp``) or
             ``"sinkhorn_knopp"`` (DINOv2's option: 3 Sinkhorn-Knopp iterations over all global
             crops of the batch, every rank's; the centre is then not used).
+        local_weight: Factor on the pairs whose student view is a local crop (1.0: every pair
+            counts equally, DINO's and DINOv2's loss). DINOv3's Gram and high-resolution phases
+            scale them down (``dino.reweight_dino_local_loss``, 0.5) without renormalising:
+            the loss is ``(sum of global pairs + local_weight * sum of local pairs) / n_pairs``.
 
     Attributes:
         center: Buffer of shape (1, K).
@@ -55,8 +59,12 @@ class DINOLoss(EMACenter):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         centering: str = "center",
+        local_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if local_weight < 0:
+            raise ValueError(f"local_weight must be >= 0, got {local_weight}")
+        self.local_weight = local_weight
         if centering not in ("center", "sinkhorn_knopp"):
             raise ValueError(f"centering must be center or sinkhorn_knopp, got {centering!r}")
         self.centering = centering
@@ -117,5 +125,8 @@ class DINOLoss(EMACenter):
         # ce[t, v] = batch mean of -sum_k p_t * log p_v for every (teacher view, student view).
         ce = -torch.einsum("tbk,vbk->tv", p_teacher, log_p_student) / student_out.shape[1]
         same_view = torch.eye(n_global, n_crops, dtype=torch.bool, device=ce.device)
-        loss = ce.masked_fill(same_view, 0.0).sum() / (n_global * n_crops - n_global)
+        ce = ce.masked_fill(same_view, 0.0)
+        if self.local_weight != 1.0:
+            ce = torch.cat([ce[:, :n_global], self.local_weight * ce[:, n_global:]], dim=1)
+        loss = ce.sum() / (n_global * n_crops - n_global)
         return loss, teacher_raw

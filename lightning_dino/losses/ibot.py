@@ -129,6 +129,9 @@ class iBOTTerm(LossTerm):
       are its tokens (``feature_grid`` 0); both networks get a learned mask token.
     - ``ibot_mask_ratio``: (min, max) fraction of the patches masked in a masked image.
     - ``ibot_mask_probability``: fraction of the global crops that are masked.
+    - ``ibot_mask_rule``: ``"dinov2"`` (each masked image draws its ratio in its sub-interval
+      of ``ibot_mask_ratio``; a mask may end short) or ``"dinov3"`` (the sub-interval's upper
+      edge, the count made exact; see :func:`~lightning_dino.networks.masking.batch_masks`).
     - ``ibot_separate_head``: a separate head for the patch tokens (DINOv2's ViT-L/g recipes);
       False projects them with the DINO head.
     - ``ibot_out_dim``, ``ibot_bottleneck_dim``: prototypes and bottleneck of the separate head
@@ -145,6 +148,7 @@ class iBOTTerm(LossTerm):
         centering: ``"center"`` or ``"sinkhorn_knopp"``, as the DINO loss's.
         mask_ratio: (min, max) fraction of the patches masked in a masked image.
         mask_probability: Fraction of the global crops that are masked.
+        mask_rule: ``"dinov2"`` or ``"dinov3"`` (see :func:`batch_masks`).
     """
 
     name = "ibot"
@@ -159,12 +163,14 @@ class iBOTTerm(LossTerm):
         centering: str = "center",
         mask_ratio: tuple[float, float] = (0.1, 0.5),
         mask_probability: float = 0.5,
+        mask_rule: str = "dinov2",
     ) -> None:
         super().__init__(weight)
         self.loss = iBOTPatchLoss(out_dim, student_temp, center_momentum)
         self.centering = centering
         self.mask_ratio = (float(mask_ratio[0]), float(mask_ratio[1]))
         self.mask_probability = mask_probability
+        self.mask_rule = mask_rule
 
     @staticmethod
     def patch_head_dims(hparams: Any) -> tuple[int, int]:
@@ -176,15 +182,24 @@ class iBOTTerm(LossTerm):
 
     @classmethod
     def argument_checks(cls, hparams: Any) -> list[Check]:
-        """The weight, the mask ratio and probability, and the separate head's sizes."""
-        low, high = hparams.ibot_mask_ratio
+        """The weight, the masking, and the separate head's sizes."""
         return [
             *super().argument_checks(hparams),
-            (0 < low <= high < 1, "ibot_mask_ratio", "use 0 < min <= max < 1 ([0.1, 0.5])"),
-            (0 <= hparams.ibot_mask_probability <= 1, "ibot_mask_probability", "use [0, 1] (0.5)"),
+            *cls.mask_checks(hparams),
             (hparams.ibot_out_dim == 0 or hparams.ibot_out_dim >= 2, "ibot_out_dim",
              "use 0 or >= 2"),
             (hparams.ibot_bottleneck_dim >= 0, "ibot_bottleneck_dim", "use 0 or a width"),
+        ]
+
+    @staticmethod
+    def mask_checks(hparams: Any) -> list[Check]:
+        """The checks of ``ibot_mask_ratio``, ``ibot_mask_probability`` and ``ibot_mask_rule``."""
+        low, high = hparams.ibot_mask_ratio
+        return [
+            (0 < low <= high < 1, "ibot_mask_ratio", "use 0 < min <= max < 1 ([0.1, 0.5])"),
+            (0 <= hparams.ibot_mask_probability <= 1, "ibot_mask_probability", "use [0, 1] (0.5)"),
+            (hparams.get("ibot_mask_rule", "dinov2") in ("dinov2", "dinov3"), "ibot_mask_rule",
+             "use dinov2 or dinov3"),
         ]
 
     @classmethod
@@ -220,12 +235,13 @@ class iBOTTerm(LossTerm):
             hparams.centering,
             tuple(hparams.ibot_mask_ratio),
             hparams.ibot_mask_probability,
+            hparams.get("ibot_mask_rule", "dinov2"),
         )
 
     def draw_masks(self, n_images: int, rows: int, columns: int) -> Tensor:
         """Block-wise masks for the global crops, (n_images, rows * columns)."""
         return batch_masks(
-            n_images, rows, columns, ratio=self.mask_ratio, probability=self.mask_probability
+            n_images, rows, columns, self.mask_ratio, self.mask_probability, self.mask_rule
         )
 
     def forward(self, outputs: StepOutputs, teacher_temp: float) -> Tensor:

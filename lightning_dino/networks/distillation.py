@@ -105,12 +105,21 @@ class FrozenTeacher(nn.Module):
     Args:
         backbone: The teacher's backbone (a timm model or any module giving (B, D)).
         head: Its DINO head, when it has one (a DINO checkpoint's teacher).
+        patch_head: Its separate iBOT head, when it has one (else the DINO head serves the
+            patch tokens).
     """
 
-    def __init__(self, backbone: nn.Module, head: DINOHead | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: DINOHead | None = None,
+        patch_head: DINOHead | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        if patch_head is not None:  # checkpoint keys teacher.patch_head.* only when there is one
+            self.patch_head = patch_head
         self.requires_grad_(False)
         self.eval()
 

@@ -1,7 +1,8 @@
 """The DINO projection head: MLP, L2-normalised bottleneck, weight-normalised prototypes.
 
 Reference: Caron et al. 2021, section 3.1 and Appendix C; `DINOHead` in facebookresearch/dino
-`vision_transformer.py`.
+`vision_transformer.py`; DINOv3's variant without weight norm in facebookresearch/dinov3
+`dinov3/layers/dino_head.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_norm
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -36,7 +37,11 @@ class DINOHead(nn.Module):
         bottleneck_dim: Dimension of the L2-normalised bottleneck.
         n_layers: Number of Linear layers before the bottleneck (>= 1).
         use_bn: Insert BatchNorm1d after each hidden Linear layer.
-        norm_last_layer: Freeze the weight-norm magnitude of the last layer at 1.
+        norm_last_layer: Freeze the weight-norm magnitude of the last layer at 1 (with
+            ``weight_norm`` only).
+        weight_norm: Weight-normalise the last layer (DINO, DINOv2). False makes it a plain
+            ``Linear`` without bias, initialised like the MLP (truncated normal, std 0.02), as
+            DINOv3's ``dinov3/layers/dino_head.py``.
 
     Examples:
         >>> head = DINOHead(in_dim=384, out_dim=1024)
@@ -53,6 +58,7 @@ class DINOHead(nn.Module):
         n_layers: int = 3,
         use_bn: bool = False,
         norm_last_layer: bool = True,
+        weight_norm: bool = True,
     ) -> None:
         super().__init__()
         if n_layers < 1:
@@ -69,7 +75,11 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(_init_linear)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        if not weight_norm:  # DINOv3: a plain Linear, initialised like the MLP
+            self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+            _init_linear(self.last_layer)
+            return
+        self.last_layer = parametrized_weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         magnitude = self.last_layer.parametrizations.weight.original0
         magnitude.data.fill_(1.0)
         magnitude.requires_grad_(not norm_last_layer)
@@ -92,10 +102,12 @@ def head_arguments(hparams: Any) -> dict[str, Any]:
 
     Args:
         hparams: ``out_dim``, ``hidden_dim``, ``bottleneck_dim``, ``n_head_layers``,
-            ``use_bn_in_head`` and ``norm_last_layer`` (the last three optional: 3, False, True).
+            ``use_bn_in_head``, ``norm_last_layer`` and ``head_weight_norm`` (the last four
+            optional: 3, False, True, True).
 
     Returns:
-        ``{"out_dim", "hidden_dim", "bottleneck_dim", "n_layers", "use_bn", "norm_last_layer"}``.
+        ``{"out_dim", "hidden_dim", "bottleneck_dim", "n_layers", "use_bn", "norm_last_layer",
+        "weight_norm"}``.
     """
     return {
         "out_dim": hparams["out_dim"],
@@ -104,4 +116,5 @@ def head_arguments(hparams: Any) -> dict[str, Any]:
         "n_layers": hparams.get("n_head_layers", 3),
         "use_bn": hparams.get("use_bn_in_head", False),
         "norm_last_layer": hparams.get("norm_last_layer", True),
+        "weight_norm": hparams.get("head_weight_norm", True),
     }

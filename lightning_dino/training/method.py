@@ -58,7 +58,8 @@ class Method(StudentOptimization, pl.LightningModule):
 
     Its arguments must include those of the optimisation: ``lr``, ``min_lr``, ``warmup_epochs``,
     ``weight_decay``, ``weight_decay_end``, ``clip_grad``, ``layerwise_decay``,
-    ``patch_embed_lr_mult``, ``optimizer``, and ``n_global_crops`` and ``monitors``.
+    ``patch_embed_lr_mult``, ``optimizer``, and ``n_global_crops`` and ``monitors``; it may have
+    ``adamw_betas``, ``lr_scaling`` and ``clip_mode`` (DINO's choices when absent).
 
     Attributes:
         evaluated_network: The attribute holding the network (with a ``backbone``) that the method
@@ -114,6 +115,12 @@ class Method(StudentOptimization, pl.LightningModule):
             (hp.patch_embed_lr_mult > 0, "patch_embed_lr_mult", "use a positive factor (0.2)"),
             (hp.n_global_crops in (1, 2), "n_global_crops", "use 1 or 2 global crops"),
             (hp.optimizer in ("adamw", "sgd"), "optimizer", "use adamw or sgd"),
+            (hp.get("lr_scaling", "linear_wrt_256") in ("linear_wrt_256", "sqrt_wrt_1024"),
+             "lr_scaling", "use linear_wrt_256 (DINO) or sqrt_wrt_1024 (DINOv3)"),
+            (hp.get("clip_mode", "per_tensor") in ("per_tensor", "per_module"), "clip_mode",
+             "use per_tensor (DINO) or per_module (DINOv2, DINOv3)"),
+            (_betas_ok(hp.get("adamw_betas", (0.9, 0.999))), "adamw_betas",
+             "use two values in [0, 1), e.g. [0.9, 0.999] (DINOv3's ViT-7B: [0.9, 0.99])"),
         ]
 
     def validate_arguments(self) -> None:
@@ -276,3 +283,8 @@ class Method(StudentOptimization, pl.LightningModule):
         """Per-tensor clip of the student's unscaled gradients, then the method's own updates."""
         self.clip_student_gradients(optimizer)
         self.before_optimizer_step()
+
+
+def _betas_ok(betas: Any) -> bool:
+    """Two AdamW betas, each in [0, 1)."""
+    return len(betas) == 2 and all(0.0 <= float(beta) < 1.0 for beta in betas)

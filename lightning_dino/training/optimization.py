@@ -6,6 +6,7 @@ Reference: ``get_params_groups`` and ``clip_gradients`` in facebookresearch/dino
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -130,21 +131,75 @@ def unscale_fp16_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer
 
 
 def build_optimizer(
-    groups: list[dict[str, Any]], name: str, device: torch.device
+    groups: list[dict[str, Any]],
+    name: str,
+    device: torch.device,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """The optimizer over parameter groups; lr and weight decay are set by the schedules.
 
     Args:
         groups: Parameter groups (:func:`parameter_groups`).
-        name: ``"adamw"`` (torch defaults; fused on CUDA and CPU) or ``"sgd"`` (momentum 0.9).
+        name: ``"adamw"`` (fused on CUDA and CPU) or ``"sgd"`` (momentum 0.9).
         device: Where the parameters are.
+        betas: AdamW's (beta1, beta2): torch's and DINO's (0.9, 0.999); DINOv3's ViT-7B
+            configs use (0.9, 0.99).
 
     Returns:
         The optimizer, at lr 0 until the first schedule step.
     """
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=0.0, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(
+        groups, lr=0.0, betas=tuple(betas), fused=device.type in ("cuda", "cpu")
+    )
+
+
+def lr_scale(global_batch: int, rule: str = "linear_wrt_256") -> float:
+    """The factor from the base learning rate to the peak for a global batch.
+
+    Args:
+        global_batch: Images per optimizer step over all devices.
+        rule: ``"linear_wrt_256"`` (DINO's ``main_dino.py``): ``batch / 256``;
+            ``"sqrt_wrt_1024"`` (DINOv3's ``optim.scaling_rule``, ``dinov3/train/train.py``):
+            ``4 * sqrt(batch / 1024)``.
+
+    Returns:
+        The factor.
+    """
+    if rule == "sqrt_wrt_1024":
+        return 4.0 * math.sqrt(global_batch / 1024.0)
+    return global_batch / 256.0
+
+
+@torch.no_grad()
+def clip_gradients_per_module(modules: list[list[nn.Parameter]], max_norm: float) -> None:
+    """Clip each group's gradients to a global L2 norm ``max_norm`` (DINOv3's clip).
+
+    DINOv3 calls ``clip_grad_norm_`` on the backbone, the DINO head and the iBOT head separately
+    (``dinov3/train/train.py``): one norm over all the tensors of a submodule.
+
+    Args:
+        modules: The parameters of each submodule.
+        max_norm: Largest allowed global norm per submodule.
+    """
+    for params in modules:
+        with_grads = [p for p in params if p.grad is not None]
+        if with_grads:
+            torch.nn.utils.clip_grad_norm_(with_grads, max_norm)
+
+
+def student_submodules(student: nn.Module) -> list[list[nn.Parameter]]:
+    """The student's parameters by submodule, for :func:`clip_gradients_per_module`.
+
+    One list per direct child (``backbone``, ``head``, ``patch_head``...); parameters of the
+    student itself (an iBOT ``mask_token``) go with the backbone, where DINOv3 keeps them.
+    """
+    groups = {name: list(child.parameters()) for name, child in student.named_children()}
+    own = [p for name, p in student.named_parameters() if "." not in name]
+    if own:
+        groups.setdefault("backbone", []).extend(own)
+    return [params for params in groups.values() if params]
 
 
 def drop_gradients(module: nn.Module) -> None:
@@ -164,7 +219,8 @@ class StudentOptimization:
     decay); the learning rate warms up linearly over ``warmup_epochs`` and decays by a cosine to
     ``min_lr``; the weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end``;
     all per optimizer step, as pure functions of the step (resuming continues them exactly). The
-    peak lr is ``lr * global batch / 256``. Gradients are clipped per tensor after unscaling.
+    peak lr is ``lr * global batch / 256`` (or DINOv3's rule, ``lr_scaling``). Gradients are
+    clipped after unscaling, per tensor (or per submodule, ``clip_mode``).
 
     The inheriting module has a ``student`` and these hyperparameters: ``lr``, ``min_lr``,
     ``warmup_epochs``, ``weight_decay``, ``weight_decay_end``, ``optimizer``,
@@ -185,7 +241,8 @@ class StudentOptimization:
         new run length. Warns about schedules longer than the run.
         """
         self.total_steps, self.steps_per_epoch = run_length(self.trainer)
-        self.peak_lr = self.hparams.lr * self.global_batch_size() / 256.0
+        rule = self.hparams.get("lr_scaling", "linear_wrt_256")
+        self.peak_lr = self.hparams.lr * lr_scale(self.global_batch_size(), rule)
         for message in self.schedule_warnings():
             rank_zero_warn(message)
         scheduler = self.lr_schedulers()
@@ -237,7 +294,8 @@ class StudentOptimization:
         """
         hp = self.hparams
         groups = parameter_groups(self.student, hp.layerwise_decay, hp.patch_embed_lr_mult)
-        optimizer = build_optimizer(groups, hp.optimizer, self.device)
+        betas = tuple(hp.get("adamw_betas", (0.9, 0.999)))
+        optimizer = build_optimizer(groups, hp.optimizer, self.device, betas)
         scheduler = StepScheduler(optimizer, self.learning_rate, self.weight_decay)
         return {
             "optimizer": optimizer,
@@ -245,7 +303,15 @@ class StudentOptimization:
         }
 
     def clip_student_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip each of the student's gradient tensors to ``clip_grad`` (after unscaling)."""
-        if self.hparams.clip_grad > 0:
-            unscale_fp16_gradients(self.trainer, optimizer)
+        """Clip the student's gradients to ``clip_grad`` (after unscaling).
+
+        Per tensor (``clip_mode: per_tensor``, DINO's) or one global norm per submodule
+        (``per_module``, DINOv2's and DINOv3's).
+        """
+        if self.hparams.clip_grad <= 0:
+            return
+        unscale_fp16_gradients(self.trainer, optimizer)
+        if self.hparams.get("clip_mode", "per_tensor") == "per_module":
+            clip_gradients_per_module(student_submodules(self.student), self.hparams.clip_grad)
+        else:
             clip_gradients_per_tensor(list(self.student.parameters()), self.hparams.clip_grad)
