@@ -90,6 +90,11 @@ class DINO(Method):
         gram_max_updates: See ``GramTerm``.
         gram_remove_negatives: See ``GramTerm``.
         gram_image_size: See ``GramTerm``.
+        gram_ramp_steps: See ``GramTerm``.
+        gram_teacher_step: See ``GramTerm``.
+        gram_teacher_checkpoint: See ``GramTerm``.
+        gram_remove_teacher_negatives: See ``GramTerm``.
+        gram_image_level: See ``GramTerm``.
         ibot_mask_ratio: See ``iBOTTerm`` (as the other ``ibot_*`` arguments).
         ibot_mask_probability: See ``iBOTTerm``.
         ibot_mask_rule: See ``iBOTTerm``.
@@ -165,6 +170,11 @@ class DINO(Method):
         gram_max_updates: int = 0,
         gram_remove_negatives: bool = False,
         gram_image_size: int = 0,
+        gram_ramp_steps: int = 0,
+        gram_teacher_step: int = -1,
+        gram_teacher_checkpoint: str | None = None,
+        gram_remove_teacher_negatives: bool = False,
+        gram_image_level: bool = True,
         ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
         ibot_mask_probability: float = 0.5,
         ibot_mask_rule: Literal["dinov2", "dinov3"] = "dinov2",
@@ -318,16 +328,15 @@ class DINO(Method):
         for term in self.terms:
             term.before_batch(self.global_step, self.teacher)
 
-    def compute_step(self, crops: list[Tensor]) -> StepResult:
+    def compute_step(self, crops: list[Tensor], extra_crops: dict[str, list[Tensor]]) -> StepResult:
         """Teacher targets, student outputs, the DINO loss and the active terms' losses."""
         temp = self.teacher_temp(self.current_epoch, self.global_step)
         terms = [term for term in self.terms if term.active(self.global_step)]
         needs, draw_masks = forward_request(terms)
-        outputs = forward_step(
-            self.student, self.teacher, crops, self.hparams.n_global_crops, needs, draw_masks
-        )
+        outputs = forward_step(self.student, self.teacher, crops, self.hparams.n_global_crops,
+                               needs, draw_masks, extra_crops)
         dino_loss = self.loss(outputs.student_out, outputs.teacher_out, temp)
-        loss, logged = add_term_losses(dino_loss, terms, outputs, temp)
+        loss, logged = add_term_losses(dino_loss, terms, outputs, temp, self.global_step)
         scores = PrototypeScores(
             outputs.student_out, outputs.teacher_out, self.loss.center,
             self.hparams.student_temp, temp,

@@ -226,6 +226,6 @@ class Distillation(Method):
         """The objective's once-per-step updates (the DINO centre)."""
         self.objective.before_optimizer_step(self.loss)
 
-    def compute_step(self, crops: list[Tensor]) -> StepResult:
+    def compute_step(self, crops: list[Tensor], extra_crops: dict[str, list[Tensor]]) -> StepResult:
         """The objective's step: the teacher on the global crops in one call, the student."""
         return self.objective.step(self, crops)

@@ -235,7 +235,8 @@ class DINOObjective(Objective):
             teacher_out = module.teacher.head(features).reshape(n_global, batch, -1)
         outputs = self._student_outputs(module, crops, teacher_out, fmap)
         loss = module.loss(outputs.student_out, teacher_out, self.teacher_temp)
-        total, logged = add_term_losses(loss, self.terms, outputs, self.teacher_temp)
+        total, logged = add_term_losses(loss, self.terms, outputs, self.teacher_temp,
+                                        module.global_step)
         scores = PrototypeScores(
             outputs.student_out, teacher_out, module.loss.center, self.hparams.student_temp,
             self.teacher_temp,

@@ -90,7 +90,7 @@ def test_gram_teacher_at_a_higher_resolution_is_resized_to_the_student_grid():
         pass
 
     outputs = Outputs()
-    outputs.crops, outputs.n_global, outputs.patch_tokens = crops, 2, tokens
+    outputs.crops, outputs.n_global, outputs.patch_tokens, outputs.extra_crops = crops, 2, tokens, {}
     same = GramTerm(1.0, teacher)(outputs, 0.04)
     assert GramTerm(1.0, teacher, image_size=32)(outputs, 0.04).item() == pytest.approx(same.item(), rel=1e-6)
     larger = GramTerm(1.0, teacher, image_size=64)

@@ -47,7 +47,7 @@ def test_the_features_step_is_the_feature_loss_of_the_global_crops():
     assert CollapseMonitor not in model.monitor_types()  # no prototypes, no collapse warning
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
     with torch.no_grad():
-        result = model.compute_step(crops)
+        result = model.compute_step(crops, {})
         images = torch.cat(crops)
         teacher_pooled, teacher_map = model.teacher.features(images, None)
         pooled, fmap = model.student(images)

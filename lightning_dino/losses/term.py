@@ -140,6 +140,10 @@ class LossTerm(nn.Module):
         """Whether the term contributes at optimizer step ``step`` (always, by default)."""
         return True
 
+    def weight_at(self, step: int) -> float:
+        """The term's weight at optimizer step ``step`` (constant, by default)."""
+        return self.weight
+
     def draw_masks(self, n_images: int, rows: int, columns: int) -> Tensor:
         """Patch masks of the student's global crops, for a term that needs ``MASKS``.
 
@@ -186,7 +190,7 @@ def forward_request(terms: list[LossTerm]) -> tuple[frozenset[str], MaskDrawer |
 
 
 def add_term_losses(
-    loss: Tensor, terms: list[LossTerm], outputs: StepOutputs, teacher_temp: float
+    loss: Tensor, terms: list[LossTerm], outputs: StepOutputs, teacher_temp: float, step: int = 0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Add the weighted losses of the active terms to the method's own loss.
 
@@ -195,6 +199,7 @@ def add_term_losses(
         terms: The terms active this step.
         outputs: What the networks produced for the batch.
         teacher_temp: The teacher temperature of this step.
+        step: The optimizer step, for terms whose weight follows a schedule.
 
     Returns:
         ``(total loss, each term's unweighted loss by its log key)``.
@@ -202,5 +207,5 @@ def add_term_losses(
     logged = {}
     for term in terms:
         logged[term.log_key] = term(outputs, teacher_temp)
-        loss = loss + term.weight * logged[term.log_key]
+        loss = loss + term.weight_at(step) * logged[term.log_key]
     return loss, logged

@@ -8,7 +8,7 @@ token-wise forward of the global crops instead, and iBOT masks the student's inp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from lightning_dino.networks.backbones import MultiCropNetwork
 FEATURES = "features"  # student backbone features of every crop
 TOKENS = "tokens"  # the token-wise forward of the global crops (student patch tokens)
 MASKS = "masks"  # iBOT masking of the student's global crops (implies TOKENS)
+GRAM_CROPS = "gram_crops"  # the data module's crops for the Gram teacher, when it makes them
 
 # (n_images, patch rows, patch columns) -> boolean (n_images, rows * columns) masks.
 MaskDrawer = Callable[[int, int, int], Tensor]
@@ -43,6 +44,8 @@ class StepOutputs:
             (M, K); None outside the token-wise forward.
         patch_tokens: Student patch tokens of the global crops, (n_global * B, N, D); None
             outside the token-wise forward.
+        extra_crops: Crops the batch holds besides the student's, by name (``"gram"``: the
+            Gram teacher's crops of the global boxes, n_global of (B, C, H', W')).
     """
 
     crops: list[Tensor]
@@ -54,6 +57,7 @@ class StepOutputs:
     student_patch_logits: Tensor | None = None
     teacher_patch_logits: Tensor | None = None
     patch_tokens: Tensor | None = None
+    extra_crops: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
 def forward_step(
@@ -63,6 +67,7 @@ def forward_step(
     n_global: int,
     needs: set[str] | frozenset[str] = frozenset(),
     draw_masks: MaskDrawer | None = None,
+    extra_crops: dict[str, list[Tensor]] | None = None,
 ) -> StepOutputs:
     """Run the teacher (no grad) on the global crops and the student on every crop.
 
@@ -75,19 +80,24 @@ def forward_step(
             :data:`MASKS`); the plain DINO forward when empty.
         draw_masks: Draws the student's patch masks for :data:`MASKS` (the masks are drawn
             before either network runs).
+        extra_crops: The batch's other crops by name (``"gram"``), handed to the terms.
 
     Returns:
         The step's :class:`StepOutputs`.
     """
     if MASKS in needs or TOKENS in needs:
         drawer = draw_masks if MASKS in needs else None
-        return _token_forward(student, teacher, crops, n_global, drawer)
-    with torch.no_grad():
-        teacher_out = teacher(crops[:n_global])
-    if FEATURES in needs:
-        student_out, features = student.forward_with_features(crops)
-        return StepOutputs(crops, n_global, student_out, teacher_out, features=features)
-    return StepOutputs(crops, n_global, student(crops), teacher_out)
+        outputs = _token_forward(student, teacher, crops, n_global, drawer)
+    else:
+        with torch.no_grad():
+            teacher_out = teacher(crops[:n_global])
+        if FEATURES in needs:
+            student_out, features = student.forward_with_features(crops)
+            outputs = StepOutputs(crops, n_global, student_out, teacher_out, features=features)
+        else:
+            outputs = StepOutputs(crops, n_global, student(crops), teacher_out)
+    outputs.extra_crops = dict(extra_crops or {})
+    return outputs
 
 
 def _token_forward(

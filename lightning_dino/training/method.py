@@ -35,7 +35,12 @@ from lightning_dino.training.callbacks import callbacks_to_bring
 from lightning_dino.training.checkpointing import RandomStateCallback, check_finite_loss
 from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.training.optimization import StudentOptimization
-from lightning_dino.training.preflight import check_first_batch, check_model_and_data, crops_of
+from lightning_dino.training.preflight import (
+    check_first_batch,
+    check_model_and_data,
+    crops_of,
+    extra_crops_of,
+)
 from lightning_dino.training.resume import check_resume
 from lightning_dino.training.step_logging import StepResult, log_step
 
@@ -249,11 +254,13 @@ class Method(StudentOptimization, pl.LightningModule):
 
     # The step --------------------------------------------------------------------------------
 
-    def compute_step(self, crops: list[Tensor]) -> StepResult:
+    def compute_step(self, crops: list[Tensor], extra_crops: dict[str, list[Tensor]]) -> StepResult:
         """The method's loss for one batch of crops.
 
         Args:
             crops: Crop-major (B, C, H, W) tensors, the ``n_global_crops`` global crops first.
+            extra_crops: The batch's other crops by name (``"gram"``: the Gram teacher's crops
+                when the data module makes them); empty for most batches.
 
         Returns:
             The loss, its parts and (for a method with prototypes) the scores the collapse
@@ -272,7 +279,7 @@ class Method(StudentOptimization, pl.LightningModule):
         if self._check_next_batch:
             self.crop_sizes = check_first_batch(self, crops)
             self._check_next_batch = False
-        result = self.compute_step(crops)
+        result = self.compute_step(crops, extra_crops_of(batch))
         check_finite_loss(self, result.loss)
         return log_step(self, result)
 

@@ -162,6 +162,23 @@ def crops_of(batch: Any) -> list[Tensor]:
     raise TypeError(f"a DINO training batch must be {BATCH_FORMATS}; got {_describe(batch)}")
 
 
+def extra_crops_of(batch: Any) -> dict[str, list[Tensor]]:
+    """The crops a dict batch holds besides the student's: ``{"gram": [...]}`` for ``gram_crops``.
+
+    Args:
+        batch: A training batch in any accepted format (only dicts carry extra crops).
+
+    Returns:
+        Each ``<name>_crops`` entry other than ``crops`` by ``name`` (empty for other batches).
+    """
+    if not isinstance(batch, dict):
+        return {}
+    return {
+        key.removesuffix("_crops"): list(value) for key, value in batch.items()
+        if key.endswith("_crops") and key != "crops"
+    }
+
+
 def check_first_batch(
     model: pl.LightningModule, crops: list[Tensor]
 ) -> dict[str, list[int] | None]:

@@ -63,11 +63,11 @@ def test_a_new_term_is_one_class_and_one_entry(monkeypatch):
     with pytest.raises(ValueError, match=r"SpreadDINO\(spread_loss_weight=-1\) is invalid"):
         SpreadDINO(spread_loss_weight=-1, **TINY_VIT)
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
-    result = model.compute_step(crops)
+    result = model.compute_step(crops, {})
     assert result.losses.keys() == {"train/dino_loss", "train/spread_loss"}
     torch.testing.assert_close(result.loss, result.losses["train/dino_loss"] + 0.5 * result.losses["train/spread_loss"])
     model.eval()  # no stochastic depth: the features below are the step's
     with torch.no_grad():
-        again = model.compute_step(crops)
+        again = model.compute_step(crops, {})
         features = torch.stack([model.student.backbone(c) for c in crops])
     torch.testing.assert_close(again.losses["train/spread_loss"], features.pow(2).sum(-1).mean())

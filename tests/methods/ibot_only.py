@@ -82,7 +82,7 @@ class iBOTOnly(Method):
     def before_optimizer_step(self) -> None:
         self.ibot.before_optimizer_step()
 
-    def compute_step(self, crops: list[Tensor]) -> StepResult:
+    def compute_step(self, crops: list[Tensor], extra_crops: dict[str, list[Tensor]]) -> StepResult:
         n_global = self.hparams.n_global_crops
         needs, draw_masks = forward_request([self.ibot])
         outputs = forward_step(self.student, self.teacher, crops[:n_global], n_global,
