@@ -212,6 +212,7 @@ def build_model(
     schedule_steps: int,
     steps_per_epoch: int,
     backbone_kwargs: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> DINO:
     """The DINO module of a variant (same architecture and recipe for all).
 
@@ -220,6 +221,7 @@ def build_model(
         schedule_steps: Length of the cosine schedules (and of the Gram schedule).
         steps_per_epoch: Optimizer steps in one pass over the training mosaics.
         backbone_kwargs: The ViT's ``timm`` arguments; :data:`BACKBONE_KWARGS` when None.
+        overrides: DINO arguments that replace the recipe's (a later phase's).
 
     Returns:
         The module, untrained.
@@ -227,22 +229,22 @@ def build_model(
     extra = dict(VARIANTS[variant])
     if extra.get("gram_loss_weight"):
         extra |= {"gram_start_step": schedule_steps // 3, "gram_update_every": schedule_steps // 3}
-    return DINO(
-        backbone="vit_tiny_patch16_224",
-        backbone_kwargs=BACKBONE_KWARGS if backbone_kwargs is None else backbone_kwargs,
-        drop_path_rate=0.0,
-        out_dim=2048,
-        hidden_dim=512,
-        bottleneck_dim=128,
-        teacher_temp=0.04,
-        momentum_teacher=0.99,
-        lr=0.003,
-        min_lr=1e-5,
-        warmup_epochs=0.1 * schedule_steps / steps_per_epoch,
-        freeze_last_layer=0,
-        monitors=False,
-        **extra,
-    )
+    recipe = {
+        "backbone": "vit_tiny_patch16_224",
+        "backbone_kwargs": BACKBONE_KWARGS if backbone_kwargs is None else backbone_kwargs,
+        "drop_path_rate": 0.0,
+        "out_dim": 2048,
+        "hidden_dim": 512,
+        "bottleneck_dim": 128,
+        "teacher_temp": 0.04,
+        "momentum_teacher": 0.99,
+        "lr": 0.003,
+        "min_lr": 1e-5,
+        "warmup_epochs": 0.1 * schedule_steps / steps_per_epoch,
+        "freeze_last_layer": 0,
+        "monitors": False,
+    }
+    return DINO(**{**recipe, **extra, **(overrides or {})})
 
 
 def train_variant(
@@ -253,6 +255,7 @@ def train_variant(
     schedule_steps: int,
     seed: int,
     crops: dict[str, Any] | None = None,
+    collate: Any = None,
 ) -> CPUBudget:
     """Train ``model`` on multi-crops of ``mosaics`` until the CPU budget or the schedule ends.
 
@@ -264,18 +267,20 @@ def train_variant(
         schedule_steps: Maximum number of steps (the schedules' length).
         seed: Seed of the weights' randomness and the data order.
         crops: Multi-crop settings; :data:`CROPS` when None.
+        collate: The loader's ``collate_fn``; ``crops``' batched augmentation when None.
 
     Returns:
         The budget callback, holding the per-iteration CPU times.
     """
     pl.seed_everything(seed, verbose=False)
-    augment = BatchedMultiCropTransform(**(CROPS if crops is None else crops))
+    if collate is None:
+        collate = BatchedMultiCropTransform(**(CROPS if crops is None else crops)).collate
     loader = DataLoader(
         TensorDataset(mosaics, torch.zeros(len(mosaics), dtype=torch.int64)),
         batch_size=sizes.batch_size,
         shuffle=True,
         drop_last=True,
-        collate_fn=augment.collate,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
     )
     budget = CPUBudget(budget_s)
@@ -436,6 +441,7 @@ def train_measured(
     schedule_steps: int,
     seed: int,
     crops: dict[str, Any] | None = None,
+    collate: Any = None,
 ) -> tuple[int, float, float]:
     """:func:`train_variant`, measured.
 
@@ -443,7 +449,7 @@ def train_measured(
         ``(steps, CPU seconds of the whole training, median CPU ms of a step)``.
     """
     start = time.process_time()
-    budget = train_variant(model, mosaics, sizes, budget_s, schedule_steps, seed, crops)
+    budget = train_variant(model, mosaics, sizes, budget_s, schedule_steps, seed, crops, collate)
     return model.trainer.global_step, time.process_time() - start, budget.ms_per_step()
 
 

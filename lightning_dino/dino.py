@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_dino.eval.diagnostics import CollapseMonitor
+from lightning_dino.io.start_weights import load_start_weights
 from lightning_dino.losses.dino import DINOLoss
 from lightning_dino.losses.gram import GramTerm
 from lightning_dino.losses.ibot import iBOTTerm
@@ -130,6 +132,9 @@ class DINO(Method):
             ``num_features`` / ``embed_dim`` that cannot run on a 224 x 224 image.
         monitors: Bring the collapse warning, the images/s log and the crop grid; False leaves
             only the callbacks the method needs.
+        start_from: A checkpoint of this package whose evaluated network (backbone and heads)
+            starts the student and the teacher when a run starts from step 0 (DINOv3's later
+            phases; :mod:`~lightning_dino.io.start_weights`); not needed afterwards.
     """
 
     structural_keys = (
@@ -201,6 +206,7 @@ class DINO(Method):
         channels_last: bool = True,
         backbone_dim: int | None = None,
         monitors: bool = True,
+        start_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_arguments()
@@ -225,11 +231,6 @@ class DINO(Method):
         for term_class in enabled:
             term = term_class.from_hparams(hp, self.teacher)
             self.add_module(term.name, term)  # checkpoint keys <name>.*
-
-    @property
-    def terms(self) -> list[LossTerm]:
-        """The optional loss terms this module trains with (iBOT, KoLeo, Gram), in order."""
-        return [module for module in self.children() if isinstance(module, LossTerm)]
 
     def argument_checks(self) -> list[Check]:
         """The method base's checks, DINO's own, then every term's (on or off)."""
@@ -260,11 +261,6 @@ class DINO(Method):
     def monitor_types(self) -> list[type[Callback]]:
         """The collapse warning, then the base's monitors."""
         return [CollapseMonitor, *super().monitor_types()]
-
-    def check_batch_size(self, batch_size: int) -> None:
-        """What each term needs of a batch (KoLeo: two images per device)."""
-        for term in self.terms:
-            term.check_batch_size(batch_size, self)
 
     def schedule_warnings(self) -> list[str]:
         """The learning-rate warmup's, the temperature warmup's, the freeze's and the terms'."""
@@ -306,7 +302,11 @@ class DINO(Method):
         )
 
     def start_run(self) -> None:
-        """A run from step 0: the centres restart at 0."""
+        """A run from step 0: the start weights when given, the centres restart at 0."""
+        if self.hparams.start_from:
+            fresh = load_start_weights(self.student, self.teacher, self.hparams.start_from, self)
+            if fresh:
+                rank_zero_info(f"start_from: {len(fresh)} tensors start fresh ({fresh[:4]}...)")
         self.loss.reset_center()
         for term in self.terms:
             term.start_run()

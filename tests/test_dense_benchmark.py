@@ -85,3 +85,17 @@ def test_quick_distillation_benchmark_starts_both_students_from_the_same_weights
         assert 0.0 <= row["patch_knn_top1"] <= 1.0 and 0.0 <= row["image_knn_top1"] <= 1.0
     with open(tmp_path / "dense_distill.csv") as f:
         assert [r["variant"] for r in csv.DictReader(f)] == [r["variant"] for r in rows]
+
+
+def test_quick_phases_benchmark_reports_every_variant(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dense_phases.py"), "--quick",
+                             "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "dense_phases.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["v2_parts", "pretrain", "gram", "gram_high_res"]
+    for row in rows.values():
+        assert 0.0 <= float(row["patch_knn_top1"]) <= 1.0 and int(row["steps"]) > 0
+    # The phased variants count the pre-training's steps and CPU time too.
+    assert int(rows["gram"]["steps"]) > int(rows["pretrain"]["steps"])
+    assert float(rows["gram_high_res"]["train_cpu_s"]) > float(rows["pretrain"]["train_cpu_s"])

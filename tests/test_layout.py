@@ -107,6 +107,7 @@ COVERED_BY = {
     "data/blur.py": "tests/data/test_data_transforms.py",
     "data/color.py": "tests/data/test_data_transforms.py",
     "data/sampler.py": "tests/data/test_data_datamodule.py",
+    "data/splits.py": "tests/data/test_data_datamodule.py",
     "data/prepared/files.py": "tests/data/test_data_prepared_streaming.py",
     "data/prepared/split.py": "tests/data/test_data_prepared_streaming.py",
     "data/prepared/writer.py": "tests/data/test_data_prepared_streaming.py",

@@ -28,13 +28,13 @@ raw uint8 images and :meth:`BatchedMultiCropTransform.collate` augments the batc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from lightning_dino.data.blur import blur
 from lightning_dino.data.color import (
@@ -44,7 +44,7 @@ from lightning_dino.data.color import (
     adjust_saturation,
     grayscale,
 )
-from lightning_dino.data.crops import crop_settings
+from lightning_dino.data.crops import crop_settings, sample_crop_boxes
 from lightning_dino.data.transforms import (
     SOLARIZE_THRESHOLD,
     blur_kernel_size,
@@ -52,8 +52,6 @@ from lightning_dino.data.transforms import (
 )
 
 # torchvision's RandomResizedCrop defaults.
-_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_CROP_ATTEMPTS = 10
 # Bicubic convolution parameter of the antialiased filter (PIL's, and torch's antialias=True).
 _CUBIC_A = -0.5
 _CUBIC_SUPPORT = 2.0
@@ -61,65 +59,6 @@ _CUBIC_SUPPORT = 2.0
 _CHUNK_BYTES = 4 * 2**20
 # Crops of at least this many pixels are jittered group by group (see _augment).
 _GROUPED_MIN_PIXELS = 48 * 48
-
-
-def sample_crop_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float] = _CROP_RATIO,
-    device: torch.device | None = None,
-) -> Tensor:
-    """Draw ``n`` RandomResizedCrop boxes the way torchvision does, all at once.
-
-    Each box tries up to 10 (area fraction, log aspect ratio) draws and keeps the first that
-    fits in the image; if none fits, it falls back to the central crop with the aspect ratio
-    clamped to ``ratio``.
-
-    Args:
-        n: Number of boxes.
-        height: Image height H.
-        width: Image width W.
-        scale: (min, max) fraction of the image area.
-        ratio: (min, max) aspect ratio w / h.
-        device: Device of the result.
-
-    Returns:
-        int64 tensor (n, 4) of ``(top, left, h, w)``.
-    """
-    area = height * width
-    fraction = torch.empty(n, _CROP_ATTEMPTS, device=device).uniform_(scale[0], scale[1])
-    log_ratio = torch.empty(n, _CROP_ATTEMPTS, device=device).uniform_(
-        math.log(ratio[0]), math.log(ratio[1])
-    )
-    aspect = log_ratio.exp()
-    target = area * fraction
-    w = (target * aspect).sqrt().round().long()
-    h = (target / aspect).sqrt().round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)
-    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-    top = (torch.rand(n, device=device) * (height - h + 1)).long()
-    left = (torch.rand(n, device=device) * (width - w + 1)).long()
-    fallback = ~fits.any(dim=1)
-    if fallback.any():
-        fh, fw = _central_crop_size(height, width, ratio)
-        h = torch.where(fallback, fh, h)
-        w = torch.where(fallback, fw, w)
-        top = torch.where(fallback, (height - fh) // 2, top)
-        left = torch.where(fallback, (width - fw) // 2, left)
-    return torch.stack([top, left, h, w], dim=1)
-
-
-def _central_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """Fallback crop (h, w): the whole image, its aspect ratio clamped to ``ratio``."""
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        return round(width / min(ratio)), width
-    if in_ratio > max(ratio):
-        return height, round(height * max(ratio))
-    return height, width
 
 
 def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
@@ -202,7 +141,8 @@ class BatchedMultiCropTransform:
 
         Returns:
             ``[g1, g2, ..., l1, ..., lN]``: float32 (B, 3, S, S) tensors, normalised, S the
-            global or local crop size.
+            global or local crop size; with ``gram_crop_size`` a dict of these ``crops`` and
+            the ``gram_crops`` (see :meth:`_gram_views`).
 
         Raises:
             ValueError: If ``images`` is not a uint8 (B, C, H, W) batch with C in {1, 3}.
@@ -216,14 +156,17 @@ class BatchedMultiCropTransform:
         batch, device = images.shape[0], images.device
         pixels = images.float().div_(255.0)
         global_p, local_p = self._view_probabilities(batch, device)
-        views = self._views(
+        views, boxes, flips = self._views(
             pixels, self.n_global_crops, s["global_crop_size"], s["global_crop_scale"], *global_p
         )
         if self.n_local_crops:
             views += self._views(
                 pixels, self.n_local_crops, s["local_crop_size"], s["local_crop_scale"], *local_p
-            )
-        return views
+            )[0]
+        if not s["gram_crop_size"]:
+            return views
+        gram = _resample(pixels, boxes, s["gram_crop_size"], self.n_global_crops)
+        return {"crops": views, "gram_crops": self._gram_views(gram, flips)}
 
     def _view_probabilities(
         self, batch: int, device: torch.device
@@ -244,7 +187,7 @@ class BatchedMultiCropTransform:
         )
         return (blur_p, solarize_p), local
 
-    def collate(self, samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:
+    def collate(self, samples: Sequence[tuple[Any, int]]) -> Any:
         """DataLoader ``collate_fn``: stack raw ``(image, label)`` samples and augment them.
 
         Images of one size and channel count are cropped together (:meth:`__call__`); images
@@ -256,10 +199,10 @@ class BatchedMultiCropTransform:
 
         Returns:
             ``(crops, labels)`` as :class:`MultiCropDataModule` batches: the crop list and
-            int64 labels (B,).
+            int64 labels (B,); with Gram crops ``{"crops", "gram_crops", "labels"}``.
         """
         images, labels = collate_images(samples)
-        return self.augment(images), labels
+        return with_labels(self.augment(images), labels)
 
     def augment(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Augment a list of uint8 (C, H, W) images, cropped together when they share a shape.
@@ -285,17 +228,42 @@ class BatchedMultiCropTransform:
         blur_p: Tensor,
         solarize_p: Tensor,
     ) -> list[Tensor]:
-        """``n_views`` augmented views of every image: a list of (B, 3, size, size)."""
+        """``n_views`` augmented views of every image, their boxes and flips.
+
+        Returns:
+            ``(views, boxes, flips)``: a list of (B, 3, size, size), the (n_views * B, 4)
+            ``(top, left, h, w)`` boxes and the (n_views * B,) flips, view-major.
+        """
         batch, _, height, width = pixels.shape
         rows = n_views * batch
         boxes = sample_crop_boxes(rows, height, width, scale, device=pixels.device)
-        wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size).view(n_views, batch, size, -1)
-        wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size).view(n_views, batch, size, -1)
-        x = torch.einsum("vbsh,bchw->vbcsw", wy, pixels)
-        x = torch.einsum("vbcsw,vbtw->vbcst", x, wx)
-        return self._augment(x, blur_p, solarize_p)
+        views, draws = self._augment(_resample(pixels, boxes, size, n_views), blur_p, solarize_p)
+        return views, boxes, draws["flip"]
 
-    def _augment(self, crops: Tensor, blur_p: Tensor, solarize_p: Tensor) -> list[Tensor]:
+    def _gram_views(self, crops: Tensor, flips: Tensor) -> list[Tensor]:
+        """The Gram crops: the global crops' boxes at the Gram size, flipped as they were.
+
+        No colour, grayscale, blur or solarisation (DINOv3's ``gram_teacher_no_distortions``);
+        three channels, normalised.
+
+        Args:
+            crops: (V, B, C, S, S) resampled boxes, uint8 or float in [0, 1].
+            flips: (V * B,) the global crops' flips.
+
+        Returns:
+            V normalised float32 (B, 3, S, S) views.
+        """
+        n_views, batch, channels, size = crops.shape[:4]
+        x = _to_unit(crops.reshape(n_views * batch, channels, size, size))
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x).expand(-1, 3, -1, -1)
+        s = self.settings
+        mean = torch.tensor(s["mean"], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(s["std"], device=x.device).view(1, 3, 1, 1)
+        return list(((x - mean) / std).view(n_views, batch, 3, size, size).unbind(0))
+
+    def _augment(
+        self, crops: Tensor, blur_p: Tensor, solarize_p: Tensor
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """The per-pixel half of every view, on whole batches of cut crops.
 
         Every random choice is drawn for all crops first. The colour jitter then runs in one of
@@ -316,7 +284,8 @@ class BatchedMultiCropTransform:
             solarize_p: (V, B) solarisation probability of each crop.
 
         Returns:
-            V normalised float32 (B, 3, S, S) views.
+            ``(views, draws)``: V normalised float32 (B, 3, S, S) views and every crop's
+            random choices (:meth:`_draws`).
         """
         n_views, batch, channels, size = crops.shape[:4]
         rows, device = n_views * batch, crops.device
@@ -336,7 +305,7 @@ class BatchedMultiCropTransform:
                     chunk = members[start : start + step]
                     pixels = self._jitter(_to_unit(x.index_select(0, chunk)), order, draws, chunk)
                     out[chunk] = self._finish(pixels, draws, chunk, size)
-        return list(out.view(n_views, batch, 3, size, size).unbind(0))
+        return list(out.view(n_views, batch, 3, size, size).unbind(0)), draws
 
     def _jitter_by_position(self, x: Tensor, draws: dict[str, Tensor]) -> Tensor:
         """Jitter all (n, C, S, S) crops in place: each step at each position of the orders."""
@@ -446,43 +415,43 @@ class BatchedMultiCropTransform:
                 )
         s = self.settings
         channels = max(image.shape[0] for image in images)
-        n_global, n_local = self.n_global_crops, self.n_local_crops
-        global_crops, local_crops = [], []
+        n_global, n_local, gram_size = self.n_global_crops, self.n_local_crops, s["gram_crop_size"]
+        global_crops, local_crops, gram_crops = [], [], []
         for image in images:
             pixels = image.expand(channels, -1, -1)
-            global_crops.append(
-                crop_views(pixels, n_global, s["global_crop_size"], s["global_crop_scale"])
-            )
+            boxes = sample_crop_boxes(n_global, *pixels.shape[-2:], s["global_crop_scale"])
+            global_crops.append(crop_views(pixels, boxes, s["global_crop_size"]))
+            if gram_size:
+                gram_crops.append(crop_views(pixels, boxes, gram_size))
             if n_local:
-                local_crops.append(
-                    crop_views(pixels, n_local, s["local_crop_size"], s["local_crop_scale"])
-                )
+                boxes = sample_crop_boxes(n_local, *pixels.shape[-2:], s["local_crop_scale"])
+                local_crops.append(crop_views(pixels, boxes, s["local_crop_size"]))
         global_p, local_p = self._view_probabilities(len(images), images[0].device)
-        views = self._augment(torch.stack(global_crops, dim=1), *global_p)
+        views, draws = self._augment(torch.stack(global_crops, dim=1), *global_p)
         if n_local:
-            views += self._augment(torch.stack(local_crops, dim=1), *local_p)
-        return views
+            views += self._augment(torch.stack(local_crops, dim=1), *local_p)[0]
+        if not gram_size:
+            return views
+        flips = draws["flip"]
+        return {"crops": views, "gram_crops": self._gram_views(torch.stack(gram_crops, 1), flips)}
 
 
-def crop_views(image: Tensor, n_views: int, size: int, scale: tuple[float, float]) -> Tensor:
-    """Cut ``n_views`` RandomResizedCrop views out of one image, each resampled on its own.
+def crop_views(image: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Cut the ``boxes`` out of one image, each resampled on its own to ``size`` x ``size``.
 
-    The boxes are drawn on the CPU, as torchvision draws them from the image's own size; each
-    box is resized to ``size`` x ``size`` with ``interpolate(mode="bicubic", antialias=True)``
-    on the uint8 pixels, which is what torchvision's ``resized_crop`` does to a uint8 tensor: a
-    box gives the same pixels as the per-sample path.
+    Each box is resized with ``interpolate(mode="bicubic", antialias=True)`` on the uint8
+    pixels, which is what torchvision's ``resized_crop`` does to a uint8 tensor: a box gives the
+    same pixels as the per-sample path.
 
     Args:
         image: uint8 (C, H, W) image on any device.
-        n_views: Number of crops.
+        boxes: (n, 4) ``(top, left, h, w)`` boxes (:func:`sample_crop_boxes`, drawn on the CPU
+            from the image's own size, as torchvision draws them).
         size: Output side in pixels.
-        scale: (min, max) fraction of the image area a crop covers.
 
     Returns:
-        uint8 (n_views, C, size, size).
+        uint8 (n, C, size, size).
     """
-    _, height, width = image.shape
-    boxes = sample_crop_boxes(n_views, height, width, scale).tolist()
     # Channels-last input takes the fast path of uint8 antialiased resizing (1.8x measured on
     # one core, same pixels); decoded images already are (see load_image), so no copy.
     image = image[None].contiguous(memory_format=torch.channels_last)
@@ -493,9 +462,45 @@ def crop_views(image: Tensor, n_views: int, size: int, scale: tuple[float, float
             mode="bicubic",
             antialias=True,
         )
-        for top, left, h, w in boxes
+        for top, left, h, w in boxes.tolist()
     ]
     return torch.cat(crops)
+
+
+def _resample(pixels: Tensor, boxes: Tensor, size: int, n_views: int) -> Tensor:
+    """Every image's boxes resampled at ``size`` (antialiased bicubic), (V, B, C, size, size).
+
+    Args:
+        pixels: float (B, C, H, W) images in [0, 1].
+        boxes: (V * B, 4) boxes, view-major.
+        size: Output side.
+        n_views: V.
+    """
+    batch, _, height, width = pixels.shape
+    wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size).view(n_views, batch, size, -1)
+    wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size).view(n_views, batch, size, -1)
+    x = torch.einsum("vbsh,bchw->vbcsw", wy, pixels)
+    return torch.einsum("vbcsw,vbtw->vbcst", x, wx)
+
+
+def with_labels(views: list[Tensor] | dict[str, list[Tensor]], labels: Tensor) -> Any:
+    """A training batch: ``(crops, labels)``, or ``{"crops", "gram_crops", "labels"}``."""
+    if isinstance(views, dict):
+        return {**views, "labels": labels}
+    return views, labels
+
+
+def collate_views(samples: Sequence[tuple[Any, int]]) -> Any:
+    """DataLoader ``collate_fn`` of per-sample views: the default stacking, Gram crops flat.
+
+    Args:
+        samples: ``(views, label)`` pairs, ``views`` a list of crops or a dict of lists.
+
+    Returns:
+        ``(crops, labels)``, or ``{"crops", "gram_crops", "labels"}``.
+    """
+    views, labels = default_collate(samples)
+    return with_labels(views, labels)
 
 
 def collate_images(samples: Sequence[tuple[Any, int]]) -> tuple[list[Tensor], Tensor]:

@@ -14,12 +14,19 @@ grayscale, blur and solarisation probabilities of the paper).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# RandomResizedCrop's aspect-ratio range and number of attempts (torchvision's defaults).
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,10 @@ class CropSettings:
         solarize_p: Probability of solarising global views 2+.
         mean: Per-channel normalisation mean, for images in [0, 1].
         std: Per-channel normalisation std, for images in [0, 1].
+        gram_crop_size: 0 (off), or the side of the Gram teacher's crops: for each global crop,
+            the same box (and flip) resampled at this size, without colour or blur, normalised
+            (DINOv3's ``gram_teacher_crops_size`` with ``gram_teacher_no_distortions``; 512 for
+            256-px global crops). For a DINO run with Gram anchoring.
 
     Raises:
         ValueError: If a value is out of range; the message starts with its name.
@@ -70,6 +81,7 @@ class CropSettings:
     solarize_p: float = 0.2
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    gram_crop_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("global_crop_scale", "local_crop_scale", "color_jitter", "blur_p",
@@ -79,6 +91,7 @@ class CropSettings:
         _check_min("local_crop_size", self.local_crop_size, 1)
         _check_min("n_global_crops", self.n_global_crops, 1)
         _check_min("n_local_crops", self.n_local_crops, 0)
+        _check_min("gram_crop_size", self.gram_crop_size, 0)
         _check_range("global_crop_scale", self.global_crop_scale)
         _check_range("local_crop_scale", self.local_crop_scale)
         _check_length("color_jitter", self.color_jitter, 4)
@@ -125,6 +138,65 @@ def crop_settings(*settings: Any, **overrides: Any) -> CropSettings:
     if len(settings) == 1 and isinstance(settings[0], CropSettings):
         return dataclasses.replace(settings[0], **overrides) if overrides else settings[0]
     return CropSettings(*settings, **overrides)
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = CROP_RATIO,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Draw ``n`` RandomResizedCrop boxes the way torchvision does, all at once.
+
+    Each box tries up to 10 (area fraction, log aspect ratio) draws and keeps the first that
+    fits in the image; if none fits, it falls back to the central crop with the aspect ratio
+    clamped to ``ratio``.
+
+    Args:
+        n: Number of boxes.
+        height: Image height H.
+        width: Image width W.
+        scale: (min, max) fraction of the image area.
+        ratio: (min, max) aspect ratio w / h.
+        device: Device of the result.
+
+    Returns:
+        int64 tensor (n, 4) of ``(top, left, h, w)``.
+    """
+    area = height * width
+    fraction = torch.empty(n, CROP_ATTEMPTS, device=device).uniform_(scale[0], scale[1])
+    log_ratio = torch.empty(n, CROP_ATTEMPTS, device=device).uniform_(
+        math.log(ratio[0]), math.log(ratio[1])
+    )
+    aspect = log_ratio.exp()
+    target = area * fraction
+    w = (target * aspect).sqrt().round().long()
+    h = (target / aspect).sqrt().round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    top = (torch.rand(n, device=device) * (height - h + 1)).long()
+    left = (torch.rand(n, device=device) * (width - w + 1)).long()
+    fallback = ~fits.any(dim=1)
+    if fallback.any():
+        fh, fw = _central_crop_size(height, width, ratio)
+        h = torch.where(fallback, fh, h)
+        w = torch.where(fallback, fw, w)
+        top = torch.where(fallback, (height - fh) // 2, top)
+        left = torch.where(fallback, (width - fw) // 2, left)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _central_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """Fallback crop (h, w): the whole image, its aspect ratio clamped to ``ratio``."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return round(width / min(ratio)), width
+    if in_ratio > max(ratio):
+        return height, round(height * max(ratio))
+    return height, width
 
 
 def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:

@@ -9,22 +9,27 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_dino.data.batched import BatchedMultiCropTransform, collate_images
+from lightning_dino.data.batched import BatchedMultiCropTransform, collate_views, with_labels
 from lightning_dino.data.builtin_datasets import (
-    TensorImageDataset,
     TransformDataset,
     load_fashion_mnist,
-    make_synthetic_images,
     torchvision_dataset,
 )
 from lightning_dino.data.crops import CROP_SETTINGS, DEFAULT_CROPS, crop_settings
-from lightning_dino.data.image_folders import SPLIT_SEED, ImageFolderDataset, hold_out
+from lightning_dino.data.image_folders import SPLIT_SEED
 from lightning_dino.data.prepared.streaming import (
     PreparedDataset,
     prepare_command,
     streaming_loader,
 )
 from lightning_dino.data.sampler import EpochSampler, ResumableDataLoader, available_cpus
+from lightning_dino.data.size_mix import (
+    CropSizeMix,
+    MixedCollate,
+    TaggedDataset,
+    collate_tagged_images,
+)
+from lightning_dino.data.splits import build_splits
 from lightning_dino.data.transforms import (
     EvalTransform,
     MultiCropTransform,
@@ -107,6 +112,12 @@ class MultiCropDataModule(pl.LightningDataModule):
         solarize_p: See ``CropSettings``.
         mean: See ``CropSettings``.
         std: See ``CropSettings``.
+        gram_crop_size: 0, or the side of the Gram teacher's crops (see ``CropSettings``): the
+            batches are then dicts ``{"crops", "gram_crops", "labels"}``.
+        crop_size_mix: DINOv3's high-resolution adaptation: rows ``[global_crop_size,
+            local_crop_size, gram_crop_size, probability]``; each step draws one row, the same
+            on every device and again on resume (:mod:`~lightning_dino.data.size_mix`). The three
+            size arguments above are then unused. Not with ``streaming``.
         eval_size: Side of k-NN images; None uses ``global_crop_size``.
         eval_resize: Shorter side before the k-NN center crop; None uses
             ``round(eval_size / 0.875)``; equal to ``eval_size`` to skip cropping.
@@ -162,6 +173,8 @@ class MultiCropDataModule(pl.LightningDataModule):
         solarize_p: float = DEFAULT_CROPS.solarize_p,
         mean: tuple[float, float, float] = DEFAULT_CROPS.mean,
         std: tuple[float, float, float] = DEFAULT_CROPS.std,
+        gram_crop_size: int = DEFAULT_CROPS.gram_crop_size,
+        crop_size_mix: list[list[float]] | None = None,
         eval_size: int | None = None,
         eval_resize: int | None = None,
         eval_batch_size: int | None = None,
@@ -182,12 +195,14 @@ class MultiCropDataModule(pl.LightningDataModule):
         except ValueError as err:  # messages start with the argument's name
             name, problem = str(err).split(" ", 1)
             raise ValueError(f"{setting('data', name)} {problem}") from err
-        self.train_transform = MultiCropTransform(self.crops)
+        self.size_mix = None if crop_size_mix is None else CropSizeMix(crop_size_mix, self.crops)
+        self.crop_variants = self.size_mix.variants if self.size_mix else [self.crops]
+        self.train_transform = MultiCropTransform(self.crop_variants[0])
         self.eval_transform = EvalTransform(
-            eval_size or global_crop_size, eval_resize, mean=mean, std=std
+            eval_size or self.crop_variants[0].global_crop_size, eval_resize, mean=mean, std=std
         )
         self.batched_transform = (
-            BatchedMultiCropTransform(self.crops)
+            BatchedMultiCropTransform(self.crop_variants[0])
             if augmentation != "per_sample"
             else None
         )
@@ -247,6 +262,12 @@ class MultiCropDataModule(pl.LightningDataModule):
                 f"{setting('data', 'subset')} does not apply to "
                 f"{setting('data', 'dataset', 'streaming')}; prepare a smaller folder instead "
                 f"({prepare_command('SMALLER_FOLDER')})"
+            )
+        if hp.dataset == "streaming" and hp.crop_size_mix:
+            raise ValueError(
+                f"{setting('data', 'crop_size_mix')} does not apply to "
+                f"{setting('data', 'dataset', 'streaming')} (LitData's loader draws the batches); "
+                f"use {setting('data', 'dataset', 'folder')} for the high-resolution phase"
             )
         if hp.download and hp.dataset not in _DOWNLOADABLE:
             raise ValueError(
@@ -312,18 +333,28 @@ class MultiCropDataModule(pl.LightningDataModule):
             dataloader_idx: Index of the dataloader.
 
         Returns:
-            ``(crops, labels)``; other batches are returned unchanged.
+            ``(crops, labels)`` (with Gram crops ``{"crops", "gram_crops", "labels"}``); other
+            batches are returned unchanged.
         """
         raw = (
             isinstance(batch, tuple | list)
-            and len(batch) == 2
+            and len(batch) in (2, 3)
             and isinstance(batch[0], list)
             and batch[0][0].dtype == torch.uint8
         )
         if self.augmentation != "device" or not raw:
             return batch
-        images, labels = batch
-        return self.batched_transform.augment(images), labels
+        images, labels, *tag = batch
+        transform = self._batched_transforms()[int(tag[0]) if tag else 0]
+        return with_labels(transform.augment(images), labels)
+
+    def _batched_transforms(self) -> list[BatchedMultiCropTransform]:
+        """The batch-wise transform of each crop-size variant (one without a size mix)."""
+        if self.size_mix is None:
+            return [self.batched_transform]
+        if getattr(self, "_mixed", None) is None:
+            self._mixed = [BatchedMultiCropTransform(crops) for crops in self.crop_variants]
+        return self._mixed
 
     def setup(self, stage: str | None = None) -> None:
         """Build the training and k-NN datasets (once; later calls do nothing).
@@ -339,10 +370,16 @@ class MultiCropDataModule(pl.LightningDataModule):
         if self.hparams.dataset == "streaming":
             self._setup_streaming()
             return
-        train, knn_train, knn_val = self._build_splits()
+        train, knn_train, knn_val, self._folder_classes = build_splits(
+            self.hparams, self._decode_sizes()
+        )
         train = self._subset(train)
-        self.train_dataset = TransformDataset(train, self.train_transform)
-        if self.batched_transform is not None:
+        if self.size_mix is not None:
+            variants = [MultiCropTransform(crops) for crops in self.crop_variants]
+            self.train_dataset = TaggedDataset(train, variants)
+            self._train_images = TaggedDataset(train, [to_uint8_tensor], keep_tag=True)
+        else:
+            self.train_dataset = TransformDataset(train, self.train_transform)
             self._train_images = TransformDataset(train, to_uint8_tensor)
         if knn_train is not None:
             self.knn_train_dataset = TransformDataset(self._subset(knn_train), self.eval_transform)
@@ -365,63 +402,14 @@ class MultiCropDataModule(pl.LightningDataModule):
                 setattr(self, f"{name}_dataset", TransformDataset(split, self.eval_transform))
         self._check_batch_size(prepared.train_size)
 
-    def _build_splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
-        """Untransformed (train, k-NN train, k-NN val) datasets of ``(image, label)``."""
-        hp = self.hparams
-        if hp.dataset == "synthetic":
-            train = self._synthetic(hp.synthetic_size, seed=0)
-            return train, train, self._synthetic(max(hp.synthetic_size // 4, 1), seed=1)
-        if hp.dataset == "fashion_mnist":
-            train = TensorImageDataset(*load_fashion_mnist(hp.data_dir, train=True))
-            return train, train, TensorImageDataset(*load_fashion_mnist(hp.data_dir, train=False))
-        if hp.dataset == "cifar10":
-            train = torchvision_dataset("cifar10", hp.data_dir, "train")
-            return train, train, torchvision_dataset("cifar10", hp.data_dir, "test")
-        if hp.dataset == "stl10":
-            return (
-                torchvision_dataset("stl10", hp.data_dir, "train+unlabeled"),
-                torchvision_dataset("stl10", hp.data_dir, "train"),
-                torchvision_dataset("stl10", hp.data_dir, "test"),
-            )
-        return self._folder_splits()
-
-    def _synthetic(self, size: int, seed: int) -> TensorImageDataset:
-        hp = self.hparams
-        images, labels = make_synthetic_images(
-            size, hp.synthetic_image_size, hp.synthetic_num_classes, seed
-        )
-        return TensorImageDataset(images, labels)
-
-    def _folder_splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
-        """Splits of an image folder: ``train/`` and ``val/`` subfolders, or a hold-out."""
-        root, skip = self.hparams.data_dir, self.hparams.skip_corrupt
-        train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-        has_split_dirs = os.path.isdir(train_dir)
-        sizes = self._decode_sizes()
-        data = ImageFolderDataset(train_dir if has_split_dirs else root, skip_corrupt=skip, **sizes)
-        self._folder_classes = data.classes
-        labelled = [i for i, label in enumerate(data.labels) if label >= 0]
-        if not labelled:
-            return data, None, None
-        if has_split_dirs and os.path.isdir(val_dir):
-            val = ImageFolderDataset(
-                val_dir, skip_corrupt=skip, class_to_idx=data.class_to_idx, **sizes
-            )
-            val_labelled = [i for i, label in enumerate(val.labels) if label >= 0]
-            knn_val = Subset(val, val_labelled) if val_labelled else None
-            return data, Subset(data, labelled), knn_val
-        held_out = set(hold_out(labelled, self.hparams.val_fraction))
-        train = Subset(data, [i for i in range(len(data)) if i not in held_out])
-        knn_train = Subset(data, [i for i in labelled if i not in held_out])
-        knn_val = Subset(data, sorted(held_out)) if held_out else None
-        return train, knn_train, knn_val
-
     def _decode_sizes(self) -> dict[str, int]:
         """Reduced-size JPEG decoding that no training crop or evaluation resize upsamples."""
-        hp = self.hparams
-        views = [(hp.global_crop_size, hp.global_crop_scale)]
-        if hp.n_local_crops:
-            views.append((hp.local_crop_size, hp.local_crop_scale))
+        views = []
+        for crops in self.crop_variants:
+            largest = max(crops.global_crop_size, crops.gram_crop_size)  # a Gram crop's box
+            views.append((largest, crops.global_crop_scale))
+            if crops.n_local_crops:
+                views.append((crops.local_crop_size, crops.local_crop_scale))
         return {"min_pixels": min_decode_pixels(views), "min_side": self.eval_transform.resize}
 
     def _subset(self, dataset: Dataset) -> Dataset:
@@ -459,16 +447,18 @@ class MultiCropDataModule(pl.LightningDataModule):
         workers = self._num_workers()
         mode = self.augmentation
         if mode == "per_sample":
-            images, collate = self.train_dataset, None
+            images, collate = self.train_dataset, collate_views
         elif mode == "batched":
-            images, collate = self._train_images, self.batched_transform.collate
+            images, collate = self._train_images, MixedCollate(self._batched_transforms())
         else:  # device: the workers only decode
-            images, collate = self._train_images, collate_images
+            images, collate = self._train_images, collate_tagged_images
         if self.hparams.dataset == "streaming":  # LitData shuffles, shards and resumes
             return streaming_loader(
                 images, self.hparams.batch_size, workers, collate, self._pin_memory()
             )
         self._train_sampler = EpochSampler.for_trainer(images, self.trainer, self._train_sampler)
+        if self.size_mix is not None:  # every batch's crop sizes, drawn from (seed, epoch, step)
+            self._train_sampler.tag_batches(self.size_mix.choice, self.hparams.batch_size)
         return ResumableDataLoader(
             images,
             batch_size=self.hparams.batch_size,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import lightning.pytorch as pl
@@ -74,6 +74,20 @@ class EpochSampler(DistributedSampler):
         self.iteration_epoch: int | None = None
         self.iteration_start = 0
         self._epoch_used = False
+        self._tag: Callable[[int, int, int], int] | None = None
+        self._batch_size = 1
+
+    def tag_batches(self, tag: Callable[[int, int, int], int], batch_size: int) -> None:
+        """Yield ``(index, tag(seed, epoch, step))`` pairs: the step's tag with each index.
+
+        The step of a rank's sample is its batch's position in the epoch, the same on every
+        rank (a size mix draws each step's crop sizes from it).
+
+        Args:
+            tag: ``(seed, epoch, step) -> tag``.
+            batch_size: Samples per batch on each rank.
+        """
+        self._tag, self._batch_size = tag, batch_size
 
     @classmethod
     def for_trainer(
@@ -135,8 +149,8 @@ class EpochSampler(DistributedSampler):
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(len(self.dataset), generator=generator)[: self.used_size]  # type: ignore[arg-type]
 
-    def __iter__(self) -> Iterator[int]:
-        """Yield this rank's indices from ``start`` to the end of the epoch."""
+    def __iter__(self) -> Iterator[Any]:
+        """Yield this rank's indices from ``start`` to the end of the epoch (tagged, or not)."""
         if self._epoch_used:  # iterated again without set_epoch: next epoch
             self.epoch += 1
             self.start = 0
@@ -145,7 +159,16 @@ class EpochSampler(DistributedSampler):
         self.start = 0
         self.iteration_epoch, self.iteration_start = self.epoch, start
         stop = start + (self.used_size - start) // self.num_replicas * self.num_replicas
-        return iter(self.order(self.epoch)[start + self.rank : stop : self.num_replicas].tolist())
+        indices = self.order(self.epoch)[start + self.rank : stop : self.num_replicas].tolist()
+        if self._tag is None:
+            return iter(indices)
+        first = start // (self._batch_size * self.num_replicas)  # steps already taken
+        tags = {}
+        for step in range(first, first + len(indices) // self._batch_size + 1):
+            tags[step] = self._tag(self.seed, self.epoch, step)
+        return iter(
+            (index, tags[first + i // self._batch_size]) for i, index in enumerate(indices)
+        )
 
     def __len__(self) -> int:
         """Indices per rank in a whole epoch (an epoch resumed part-way yields fewer)."""

@@ -32,6 +32,7 @@ from lightning_dino.data.crops import (
     IMAGENET_STD,
     check_normalisation,
     crop_settings,
+    sample_crop_boxes,
 )
 
 FASHION_MNIST_MEAN: tuple[float, float, float] = (0.2860, 0.2860, 0.2860)
@@ -197,12 +198,15 @@ class MultiCropTransform:
         self.n_global_crops = crops.n_global_crops
         self.n_local_crops = crops.n_local_crops
         size, scale = crops.global_crop_size, crops.global_crop_scale
+        # With Gram crops the global boxes and flips are drawn here, shared with the Gram crop.
+        geometry = not crops.gram_crop_size
         self.global_transforms: list[v2.Compose] = [
-            self._view_transform(size, scale, crops.blur_p[0], 0.0)
+            self._view_transform(size, scale, crops.blur_p[0], 0.0, geometry)
         ] + [
-            self._view_transform(size, scale, crops.blur_p[1], crops.solarize_p)
+            self._view_transform(size, scale, crops.blur_p[1], crops.solarize_p, geometry)
             for _ in range(crops.n_global_crops - 1)
         ]
+        self.gram_normalise = v2.Compose(_to_normalised_float(list(crops.mean), list(crops.std)))
         self.local_transform: v2.Compose = self._view_transform(
             crops.local_crop_size, crops.local_crop_scale, crops.blur_p[2], 0.0
         )
@@ -212,7 +216,7 @@ class MultiCropTransform:
         """Total number of views returned per image."""
         return self.n_global_crops + self.n_local_crops
 
-    def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
+    def __call__(self, image: Image.Image | Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
         """Augment one image into its multi-crop views.
 
         Args:
@@ -221,12 +225,43 @@ class MultiCropTransform:
         Returns:
             ``[g1, g2, ..., l1, ..., lN]``: global crops of shape
             (3, global_crop_size, global_crop_size) then local crops of shape
-            (3, local_crop_size, local_crop_size), all float32 and normalised.
+            (3, local_crop_size, local_crop_size), all float32 and normalised. With
+            ``gram_crop_size``: ``{"crops": [...], "gram_crops": [G1, G2, ...]}``, the Gram
+            crops of the global crops' boxes and flips, (3, gram_crop_size, gram_crop_size),
+            undistorted and normalised.
         """
         pixels = to_uint8_tensor(image)
-        global_views = [transform(pixels) for transform in self.global_transforms]
+        if self.crops.gram_crop_size:
+            global_views, gram_views = self._global_and_gram(pixels)
+        else:
+            global_views = [transform(pixels) for transform in self.global_transforms]
         local_views = [self.local_transform(pixels) for _ in range(self.n_local_crops)]
+        if self.crops.gram_crop_size:
+            return {"crops": global_views + local_views, "gram_crops": gram_views}
         return global_views + local_views
+
+    def _global_and_gram(self, pixels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each global crop and its Gram crop: one box and one flip, resampled at both sizes.
+
+        As DINOv3's ``DataAugmentationDINO`` with ``gram_teacher_no_distortions``: the box and
+        flip are shared, the colour, blur and solarisation go to the student's crop only.
+        """
+        crops = self.crops
+        height, width = pixels.shape[-2:]
+        global_views, gram_views = [], []
+        for transform in self.global_transforms:
+            top, left, h, w = sample_crop_boxes(1, height, width, crops.global_crop_scale)[0]
+            flip = bool(torch.rand(()) < crops.hflip_p)
+            box = (int(top), int(left), int(h), int(w))
+            views = []
+            for size in (crops.global_crop_size, crops.gram_crop_size):
+                view = F.resized_crop(
+                    pixels, *box, [size, size], v2.InterpolationMode.BICUBIC, antialias=True
+                )
+                views.append(F.horizontal_flip(view) if flip else view)
+            global_views.append(transform(views[0]))
+            gram_views.append(self.gram_normalise(views[1]))
+        return global_views, gram_views
 
     def __repr__(self) -> str:
         views = [*self.global_transforms, self.local_transform]
@@ -241,16 +276,26 @@ class MultiCropTransform:
         return [*names, f"local (x{self.n_local_crops})"]
 
     def _view_transform(
-        self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+        self,
+        size: int,
+        scale: tuple[float, float],
+        blur_p: float,
+        solarize_p: float,
+        geometry: bool = True,
     ) -> v2.Compose:
-        """Build one view's pipeline on a uint8 (C, H, W) image, C in {1, 3}."""
+        """Build one view's pipeline on a uint8 (C, H, W) image, C in {1, 3}.
+
+        Without ``geometry`` the crop and flip are left out (the input is the cut crop).
+        """
         crops = self.crops
-        steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(
-                size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
-            ),
-            v2.RandomHorizontalFlip(p=crops.hflip_p),
-        ]
+        steps: list[v2.Transform] = []
+        if geometry:
+            steps += [
+                v2.RandomResizedCrop(
+                    size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+                ),
+                v2.RandomHorizontalFlip(p=crops.hflip_p),
+            ]
         if any(crops.color_jitter) and crops.color_jitter_p > 0:
             steps.append(
                 v2.RandomApply([FastColorJitter(*crops.color_jitter)], p=crops.color_jitter_p)

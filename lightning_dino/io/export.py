@@ -390,8 +390,9 @@ def _timm_config(
 def eval_preprocessing(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The evaluation preprocessing of the run that wrote a checkpoint.
 
-    Read from the data module's hyperparameters saved in the checkpoint; with another data
-    module, the size is the global crop size the module recorded from its batches.
+    Read from the data module's hyperparameters saved in the checkpoint (with a crop-size mix,
+    its largest global size); with another data module, the size is the global crop size the
+    module recorded from its batches.
 
     Args:
         ckpt: A checkpoint dictionary (see :func:`read_checkpoint`).
@@ -402,8 +403,11 @@ def eval_preprocessing(ckpt: dict[str, Any]) -> dict[str, Any]:
     """
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
     seen = (ckpt.get("crop_sizes") or {}).get("global")  # the module's record of its crops
+    global_size = data.get("global_crop_size")
+    if data.get("crop_size_mix"):  # a high-resolution phase: its largest global crops
+        global_size = max(int(row[0]) for row in data["crop_size_mix"])
     return {
-        "size": data.get("eval_size") or data.get("global_crop_size") or seen,
+        "size": data.get("eval_size") or global_size or seen,
         "resize": data.get("eval_resize"),
         "mean": tuple(data.get("mean", IMAGENET_MEAN)),
         "std": tuple(data.get("std", IMAGENET_STD)),

@@ -225,6 +225,16 @@ class GramTerm(LossTerm):
             "it was trained"
         ]
 
+    def check_data(self, data: dict[str, Any], owner: object) -> None:
+        """The Gram teacher's input comes from the data's Gram crops or from ``image_size``."""
+        if data.get("gram_crop_size") and self.image_size:
+            raise ValueError(
+                f"{setting('data', 'gram_crop_size', data['gram_crop_size'])} gives the Gram "
+                f"teacher its own crops, and {setting(owner, 'gram_image_size', self.image_size)} "
+                f"would resize the student's instead; use one "
+                f"({setting(owner, 'gram_image_size', 0)} with Gram crops, as DINOv3)"
+            )
+
     def schedule_warnings(self, total_steps: int, owner: object) -> list[str]:
         """A start step at or past the run's end: the run would train without the term."""
         if self.start_step < total_steps:

@@ -125,6 +125,14 @@ class LossTerm(nn.Module):
             owner: The method, for the name in the message.
         """
 
+    def check_data(self, data: dict[str, Any], owner: object) -> None:
+        """Raise on data-module settings the term cannot use; any by default.
+
+        Args:
+            data: The data module's hyperparameters (``MultiCropDataModule``'s arguments).
+            owner: The method, for the names in messages.
+        """
+
     def schedule_warnings(self, total_steps: int, owner: object) -> list[str]:
         """Messages for settings of the term that do not fit in a run of ``total_steps``."""
         return []

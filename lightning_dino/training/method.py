@@ -28,8 +28,11 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_dino.losses.term import LossTerm
+from lightning_dino.networks.forward import GRAM_CROPS
 from lightning_dino.setting_names import setting
 from lightning_dino.training.callbacks import callbacks_to_bring
 from lightning_dino.training.checkpointing import RandomStateCallback, check_finite_loss
@@ -85,6 +88,7 @@ class Method(StudentOptimization, pl.LightningModule):
         super().__init__()
         self._brought_callbacks: list[Callback] = []
         self._check_next_batch = True
+        self._checked_shapes: set[tuple[tuple[int, ...], ...]] = set()
         self.crop_sizes: dict[str, list[int] | None] | None = None
 
     # Arguments -------------------------------------------------------------------------------
@@ -249,8 +253,33 @@ class Method(StudentOptimization, pl.LightningModule):
         """Warnings for resuming a checkpoint with these hyperparameters; none here."""
         return []
 
+    @property
+    def terms(self) -> list[LossTerm]:
+        """The loss terms the method trains with (its child modules that are terms), in order."""
+        return [module for module in self.children() if isinstance(module, LossTerm)]
+
     def check_batch_size(self, batch_size: int) -> None:
-        """Raise when the method cannot train on ``batch_size`` images per device; any here."""
+        """Raise when the method cannot train on ``batch_size`` images per device: its terms'."""
+        for term in self.terms:
+            term.check_batch_size(batch_size, self)
+
+    def check_data(self, data: dict[str, Any]) -> None:
+        """Raise (or warn) on data-module settings the method or its terms cannot use.
+
+        Gram crops for a method whose terms do not read them are made for nothing: a warning.
+
+        Args:
+            data: The data module's hyperparameters (``MultiCropDataModule``'s arguments).
+        """
+        reads_gram_crops = any(GRAM_CROPS in term.needs for term in self.terms)
+        if data.get("gram_crop_size") and not reads_gram_crops:
+            rank_zero_warn(
+                f"{setting('data', 'gram_crop_size', data['gram_crop_size'])} makes crops for a "
+                f"Gram teacher, but this {type(self).__name__} has no Gram anchoring: they are "
+                f"made for nothing; use {setting('data', 'gram_crop_size', 0)}"
+            )
+        for term in self.terms:
+            term.check_data(data, self)
 
     # The step --------------------------------------------------------------------------------
 
@@ -272,13 +301,17 @@ class Method(StudentOptimization, pl.LightningModule):
         """One step: the batch's crops, the method's loss, the finite-loss check, the logs.
 
         Batches are ``crops``, ``(crops, labels)`` or ``{"crops": crops, ...}`` (see
-        :func:`~lightning_dino.training.preflight.crops_of`); a run's first batch is checked
-        against the model whatever data module produced it.
+        :func:`~lightning_dino.training.preflight.crops_of`); a run's first batch, and the first
+        batch of every other crop size (a crop-size mix), is checked against the model whatever
+        data module produced it.
         """
         crops = crops_of(batch)
-        if self._check_next_batch:
-            self.crop_sizes = check_first_batch(self, crops)
-            self._check_next_batch = False
+        shapes = tuple(tuple(crop.shape[-2:]) for crop in crops)
+        if self._check_next_batch or shapes not in self._checked_shapes:  # new crop sizes
+            sizes = check_first_batch(self, crops)
+            if self._check_next_batch:
+                self.crop_sizes, self._check_next_batch = sizes, False
+            self._checked_shapes.add(shapes)
         result = self.compute_step(crops, extra_crops_of(batch))
         check_finite_loss(self, result.loss)
         return log_step(self, result)

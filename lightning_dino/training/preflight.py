@@ -40,12 +40,17 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
         return
     data: dict[str, Any] = dict(getattr(datamodule, "hparams", {}))
     _check_views(model, data)
-    sizes = {"global_crop_size": data.get("global_crop_size")}
+    model.check_data(data)
+    mix = data.get("crop_size_mix")
+    rows = mix or [[data.get("global_crop_size"), data.get("local_crop_size")]]
+    keys = ("crop_size_mix",) * 2 if mix else ("global_crop_size", "local_crop_size")
+    checks = {(keys[0], row[0]) for row in rows}
     if data.get("n_local_crops", 0) > 0:
-        sizes["local_crop_size"] = data.get("local_crop_size")
-    for key, size in sizes.items():
+        checks |= {(keys[1], row[1]) for row in rows}
+    for key, size in sorted(checks, key=str):
         if size is not None:
-            _check_crop_size(model.student.backbone, setting("data", key, size), size)
+            what = f"{setting('data', key)} ({size} px)" if mix else setting("data", key, size)
+            _check_crop_size(model.student.backbone, what, int(size))
     batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
     _check_batch_norm(model, batch_size, trainer)
     if batch_size is not None:

@@ -308,7 +308,7 @@ def test_fixed_draws_give_the_pixels_of_torchvision_ops_applied_in_the_drawn_ord
         "solarize": torch.tensor([False, False, True, True, False, False]),
     }
     monkeypatch.setattr(transform, "_draws", lambda *args: draws)
-    views = transform._augment(crops, torch.zeros(2, 3), torch.zeros(2, 3))
+    views = transform._augment(crops, torch.zeros(2, 3), torch.zeros(2, 3))[0]
     kernel = batched_module.blur_kernel_size(20, 2.0)
     steps = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for row, order in enumerate(orders):

@@ -144,3 +144,22 @@ def test_the_first_gram_teacher_comes_from_a_checkpoint_or_the_ema_teacher_at_a_
     assert [step for step in range(40) if later.snapshot_due(step)] == [4, 15, 20]
     with pytest.raises(FileNotFoundError, match=r"gram_teacher_checkpoint='nowhere.ckpt'\): no such file"):
         DINO(**TINY_VIT, gram_loss_weight=1.0, gram_teacher_checkpoint="nowhere.ckpt").gram.start_run()
+
+
+def test_the_gram_teacher_sees_the_data_modules_gram_crops_and_bad_combinations_are_named():
+    from lightning_dino import MultiCropDataModule
+
+    data = {"dataset": "synthetic", "batch_size": 4, "num_workers": 0, "synthetic_size": 8, "synthetic_image_size": 32,
+            "global_crop_size": 32, "local_crop_size": 16, "n_local_crops": 2, "gram_crop_size": 64}
+    model = DINO(**TINY_VIT, gram_loss_weight=1.0, warmup_epochs=0, monitors=False)
+    seen = []
+    model.gram.teacher.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    trainer = make_trainer(max_steps=2, log_every_n_steps=1)
+    trainer.fit(model, MultiCropDataModule(**data))
+    assert seen == [(8, 3, 64, 64)] * 2  # both global crops' Gram crops, at their own size
+    assert torch.isfinite(trainer.callback_metrics["train/gram_loss"])
+    with pytest.raises(ValueError, match=r"gram_crop_size=64\) gives the Gram teacher its own crops.*gram_image_size=64"):
+        make_trainer(max_steps=1).fit(DINO(**TINY_VIT, gram_loss_weight=1.0, gram_image_size=64),
+                                      MultiCropDataModule(**data))
+    with pytest.warns(UserWarning, match=r"gram_crop_size=64\) makes crops for a Gram teacher, but this DINO has no"):
+        make_trainer(max_steps=1).fit(DINO(**TINY_VIT, monitors=False), MultiCropDataModule(**data))
