@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_dino.eval.diagnostics import CollapseMonitor
-from lightning_dino.io.start_weights import load_start_weights
+from lightning_dino.io.start_weights import split_pretrained
 from lightning_dino.losses.dino import DINOLoss
 from lightning_dino.losses.gram import GramTerm
 from lightning_dino.losses.ibot import iBOTTerm
@@ -121,8 +120,10 @@ class DINO(Method):
             ``lr * 4 * sqrt(global batch / 1024)``).
         freeze_last_layer: Epochs during which the head's last-layer gradients are dropped (set to
             None, so AdamW applies neither the update nor weight decay).
-        freeze_backbone_steps: Optimizer steps during which only the head trains: a head warm-up
-            that protects pretrained backbone weights from a random head's gradients.
+        freeze_backbone_steps: Optimizer steps during which only the heads train: a warm-up that
+            protects pretrained backbone weights from random heads' gradients.
+        backbone_warmup_steps: Steps after those over which the backbone's lr rises linearly
+            from 0 to the schedule's (0: at once).
         optimizer: ``"adamw"`` (fused where supported) or ``"sgd"`` (momentum 0.9).
         compile: ``torch.compile`` the student and teacher backbones (in place, so checkpoint
             keys do not change; one static graph per crop size).
@@ -132,9 +133,10 @@ class DINO(Method):
             ``num_features`` / ``embed_dim`` that cannot run on a 224 x 224 image.
         monitors: Bring the collapse warning, the images/s log and the crop grid; False leaves
             only the callbacks the method needs.
-        start_from: A checkpoint of this package whose evaluated network (backbone and heads)
-            starts the student and the teacher when a run starts from step 0 (DINOv3's later
-            phases; :mod:`~lightning_dino.io.start_weights`); not needed afterwards.
+        start_from: Weights the student and the teacher start from: a checkpoint of this
+            package (backbone and heads), an export directory or a weights file of the timm
+            backbone (:mod:`~lightning_dino.io.start_weights`); read once, never needed to
+            restore the run.
     """
 
     structural_keys = (
@@ -201,6 +203,7 @@ class DINO(Method):
         lr_scaling: Literal["linear_wrt_256", "sqrt_wrt_1024"] = "linear_wrt_256",
         freeze_last_layer: int = 1,
         freeze_backbone_steps: int = 0,
+        backbone_warmup_steps: int = 0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         compile: bool = False,
         channels_last: bool = True,
@@ -219,11 +222,13 @@ class DINO(Method):
             for term in enabled:
                 term.check_backbone(student_backbone, dim, self)
 
+        build_kwargs, pretrained = split_pretrained(backbone_kwargs)
         self.student, self.teacher = build_student_teacher(
-            backbone, head_arguments(hp), drop_path_rate, backbone_kwargs, feature_grid,
+            backbone, head_arguments(hp), drop_path_rate, build_kwargs, feature_grid,
             backbone_dim, channels_last=channels_last, compile=compile,
             check_backbone=check_backbone, owner=self, **options,
         )
+        self.prepare_start(start_from, pretrained, backbone, feature_grid)
         if rope_rescale_coords:
             use_rope_rescale(self.student.backbone, rope_rescale_coords, self)
         self.loss = DINOLoss(out_dim, student_temp, center_momentum, centering, local_loss_weight)
@@ -302,11 +307,7 @@ class DINO(Method):
         )
 
     def start_run(self) -> None:
-        """A run from step 0: the start weights when given, the centres restart at 0."""
-        if self.hparams.start_from:
-            fresh = load_start_weights(self.student, self.teacher, self.hparams.start_from, self)
-            if fresh:
-                rank_zero_info(f"start_from: {len(fresh)} tensors start fresh ({fresh[:4]}...)")
+        """A run from step 0: the centres restart at 0."""
         self.loss.reset_center()
         for term in self.terms:
             term.start_run()

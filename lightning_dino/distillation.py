@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_dino.distillation_objectives import make_objective
 from lightning_dino.eval.diagnostics import CollapseMonitor
 from lightning_dino.io.frozen_teacher import load_teacher
+from lightning_dino.io.start_weights import pretrained_weights, split_pretrained
 from lightning_dino.losses.ibot import iBOTTerm
 from lightning_dino.networks.backbones import create_timm_backbone, feature_dim
 from lightning_dino.setting_names import setting
@@ -149,8 +150,10 @@ class Distillation(Method):
         self.teacher, run = load_teacher(
             teacher, teacher_kwargs, owner=self, patch_head=ibot_loss_weight > 0
         )
+        self._pending_teacher = run.pop("pending_teacher", None)
         self.objective = make_objective(objective, self.hparams, self.teacher, run, owner=self)
-        student_backbone = self._student_backbone(backbone, backbone_kwargs, feature_grid)
+        build_kwargs, pretrained = split_pretrained(backbone_kwargs)
+        student_backbone = self._student_backbone(backbone, build_kwargs, feature_grid)
         in_dim = backbone_dim or feature_dim(student_backbone, self)
         self.student, self.loss, terms = self.objective.build(
             student_backbone, in_dim, self.teacher
@@ -160,6 +163,7 @@ class Distillation(Method):
         if channels_last and not hasattr(student_backbone, "patch_embed"):
             self.student.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
+        self.prepare_start(None, pretrained, backbone, feature_grid)
 
     def _student_backbone(
         self, backbone: str | nn.Module, kwargs: dict[str, Any] | None, grid: int
@@ -219,7 +223,12 @@ class Distillation(Method):
             )
 
     def start_run(self) -> None:
-        """A run from step 0: the objective's state restarts (the DINO centre)."""
+        """A run from step 0: the teacher's waiting weights, the objective's state (a centre)."""
+        if self._pending_teacher is not None:
+            self.teacher.backbone.load_state_dict(pretrained_weights(
+                self.hparams.teacher, self._pending_teacher, 0, self, "teacher_kwargs"
+            ))
+            self._pending_teacher = None
         self.objective.start_run(self.loss)
 
     def before_optimizer_step(self) -> None:

@@ -67,6 +67,8 @@ Which = Literal["teacher", "student", "ema"]
 # Regularisation-only arguments: they do not change the architecture or the eval-mode features,
 # and a fine-tuning user passes their own (a duplicate keyword would be a TypeError).
 _DROP_RATE_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
+# Where the run's start weights came from: the export has its own.
+_START_WEIGHT_ARGS = ("pretrained", "pretrained_cfg_overlay")
 
 # Keys of timm's default pretrained_cfg that describe the network rather than its source weights.
 _PRETRAINED_CFG_KEYS = ("first_conv", "classifier")
@@ -321,12 +323,15 @@ def build_timm_backbone(hparams: dict[str, Any]) -> nn.Module:
             ``backbone_kwargs`` and ``feature_grid`` when set.
 
     Returns:
-        A randomly initialised timm model without classifier.
+        A randomly initialised timm model without classifier: the weights the run started from
+        (``pretrained``, its file) are neither read nor needed, the checkpoint's replace them.
     """
+    kwargs = {k: v for k, v in (hparams.get("backbone_kwargs") or {}).items()
+              if k not in _START_WEIGHT_ARGS}
     return create_timm_backbone(
         hparams["backbone"],
         0.0,
-        hparams.get("backbone_kwargs"),
+        kwargs,
         int(hparams.get("feature_grid") or 0),
     )
 
@@ -338,7 +343,8 @@ def timm_model_args(
 
     ``backbone_kwargs`` over the builder's defaults for the architecture (a DINOv3 model's class
     token pooling), plus ``dynamic_img_size=True`` when the DINO builder enabled it (the model
-    keeps it as an attribute), minus drop rates, which only regularise training.
+    keeps it as an attribute), minus drop rates, which only regularise training, and the start
+    weights' source (``pretrained``, its file).
 
     Args:
         model: The backbone as :func:`build_timm_backbone` built it.
@@ -349,7 +355,7 @@ def timm_model_args(
         JSON-serialisable keyword arguments.
     """
     given = {**official_defaults(architecture), **(backbone_kwargs or {})}
-    args = {k: v for k, v in given.items() if k not in _DROP_RATE_ARGS}
+    args = {k: v for k, v in given.items() if k not in (*_DROP_RATE_ARGS, *_START_WEIGHT_ARGS)}
     if getattr(model, "dynamic_img_size", False):
         args["dynamic_img_size"] = True
     return args

@@ -14,6 +14,7 @@ from lightning_dino.io.export import (
     load_backbone,
     read_checkpoint,
 )
+from lightning_dino.io.start_weights import split_pretrained
 from lightning_dino.networks.backbones import create_timm_backbone
 from lightning_dino.networks.distillation import FrozenTeacher
 from lightning_dino.networks.head import DINOHead, head_arguments
@@ -49,8 +50,10 @@ def load_teacher(
         checkpoint, what its run trained with: ``head`` (the head's keyword arguments besides
         ``in_dim``), ``teacher_temp`` and ``center`` (the (1, K) centre of its loss, or None),
         ``ibot`` (whether it trained with iBOT), ``patch_head`` (its separate iBOT head's
-        arguments, None when the DINO head serves the patches) and ``ibot_center``; an empty
-        dict for a teacher without a head.
+        arguments, None when the DINO head serves the patches) and ``ibot_center``; for a timm
+        teacher whose ``pretrained`` weights are not read yet (a missing local file, timm's
+        hub), ``pending_teacher``: the ``teacher_kwargs`` to read them with when a run starts
+        (see :func:`~lightning_dino.io.start_weights.split_pretrained`); else an empty dict.
 
     Raises:
         FileNotFoundError: If ``teacher`` is neither an existing path nor a timm model name.
@@ -62,7 +65,9 @@ def load_teacher(
     path = Path(name).expanduser()
     if not path.exists():
         if timm.is_model(name):
-            return FrozenTeacher(create_timm_backbone(name, 0.0, teacher_kwargs)), {}
+            now, later = split_pretrained(teacher_kwargs)
+            run = {} if later is None else {"pending_teacher": later}
+            return FrozenTeacher(create_timm_backbone(name, 0.0, now)), run
         raise FileNotFoundError(
             f"{setting(owner, 'teacher', name)}: no such file or directory, and not a timm "
             "model name. Pass a DINO checkpoint (.ckpt), an export directory of `lightning-dino "

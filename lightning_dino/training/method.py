@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_dino.io.start_weights import (
+    load_start_weights,
+    pretrained_weights,
+    start_file,
+    start_state,
+)
 from lightning_dino.losses.term import LossTerm
 from lightning_dino.networks.forward import GRAM_CROPS
 from lightning_dino.setting_names import setting
@@ -130,6 +137,7 @@ class Method(StudentOptimization, pl.LightningModule):
              "use per_tensor (DINO) or per_module (DINOv2, DINOv3)"),
             (_betas_ok(hp.get("adamw_betas", (0.9, 0.999))), "adamw_betas",
              "use two values in [0, 1), e.g. [0.9, 0.999] (DINOv3's ViT-7B: [0.9, 0.99])"),
+            (hp.get("backbone_warmup_steps", 0) >= 0, "backbone_warmup_steps", "use 0 or more"),
         ]
 
     def validate_arguments(self) -> None:
@@ -207,6 +215,54 @@ class Method(StudentOptimization, pl.LightningModule):
         network = getattr(self, which or self.evaluated_network)
         return copy.deepcopy(network.backbone).train().requires_grad_(True)
 
+    # Start weights ---------------------------------------------------------------------------
+
+    def prepare_start(
+        self,
+        start_from: str | None,
+        pretrained: dict[str, Any] | None,
+        backbone: str | nn.Module,
+        feature_grid: int = 0,
+    ) -> None:
+        """Load the weights the run starts from now, or when a run starts from step 0.
+
+        Weights whose file is here are read now; a missing file (a module rebuilt from the new
+        run's own checkpoint does not need it) or timm's hub are read by ``on_train_start`` at
+        step 0 (:mod:`~lightning_dino.io.start_weights`).
+
+        Args:
+            start_from: A ``.ckpt`` of this package, an export directory or a weights file.
+            pretrained: ``backbone_kwargs`` whose ``pretrained`` weights wait (see
+                :func:`~lightning_dino.io.start_weights.split_pretrained`), or None.
+            backbone: The timm name (or module) of the student's backbone.
+            feature_grid: Its grid pooling.
+        """
+        self._start = {"start_from": start_from, "pretrained": pretrained, "backbone": backbone,
+                       "feature_grid": feature_grid}
+        here = start_from is None or Path(start_from).expanduser().exists()
+        if pretrained is None and here:
+            self._load_start()
+
+    def _load_start(self) -> None:
+        """Read the start weights into the student and the teacher (once)."""
+        start, self._start = getattr(self, "_start", None), None
+        if start is None:
+            return
+        if start["pretrained"] is not None:
+            weights = pretrained_weights(start["backbone"], start["pretrained"],
+                                         start["feature_grid"], self, "backbone_kwargs")
+            state = {f"backbone.{k}": v for k, v in weights.items()}
+            load_start_weights(self.student, getattr(self, self.evaluated_network), state, self)
+        if start["start_from"] is not None:
+            path = start_file(start["start_from"], self)
+            state, _ = start_state(path, start["backbone"], self.hparams.get("backbone_kwargs"),
+                                   start["feature_grid"])
+            fresh = load_start_weights(self.student, getattr(self, self.evaluated_network), state,
+                                       self)
+            if fresh:
+                rank_zero_info(f"start_from {path.name}: new {', '.join(fresh[:6])}"
+                               + (" ..." if len(fresh) > 6 else ""))
+
     # Run lifecycle ---------------------------------------------------------------------------
 
     def start_run(self) -> None:
@@ -222,6 +278,7 @@ class Method(StudentOptimization, pl.LightningModule):
         """
         self._check_next_batch = True
         if self.trainer.global_step == 0:
+            self._load_start()
             self.start_run()
         self.start_schedules()
 
@@ -248,6 +305,29 @@ class Method(StudentOptimization, pl.LightningModule):
             ResumeError: If the checkpoint's networks have another shape than this module's.
         """
         check_resume(self, checkpoint)
+
+    def schedule_warnings(self) -> list[str]:
+        """The optimisation's warnings, and a pretrained backbone started with new heads at once.
+
+        A backbone from pretrained weights without its heads (``start_from`` an export or a
+        weights file, or timm's ``pretrained``) whose heads are new gets their first, random
+        gradients unless ``freeze_backbone_steps`` trains the heads first.
+        """
+        messages = super().schedule_warnings()
+        hp = self.hparams
+        start = str(hp.get("start_from") or "")
+        pretrained = (start and not start.endswith(".ckpt")) or (
+            (hp.get("backbone_kwargs") or {}).get("pretrained"))
+        fresh_run = self._trainer is None or self.trainer.global_step == 0
+        unprotected = "freeze_backbone_steps" in hp and not hp.freeze_backbone_steps
+        if pretrained and fresh_run and unprotected:
+            messages.append(
+                f"the backbone starts from pretrained weights and the heads are new, with "
+                f"{setting(self, 'freeze_backbone_steps', 0)}: the new heads' first gradients "
+                f"can wreck the backbone; train the heads first, e.g. "
+                f"{setting(self, 'freeze_backbone_steps', 500)} (configs/continue_pretrained.yaml)"
+            )
+        return messages
 
     def resume_warnings(self, saved: dict[str, Any]) -> list[str]:
         """Warnings for resuming a checkpoint with these hyperparameters; none here."""

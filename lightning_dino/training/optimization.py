@@ -24,7 +24,10 @@ from lightning_dino.training.schedules import (
 
 
 def parameter_groups(
-    module: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+    module: nn.Module,
+    layerwise_decay: float = 1.0,
+    patch_embed_lr_mult: float = 1.0,
+    split_backbone: bool = False,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into a weight-decay group and a no-decay group.
 
@@ -43,30 +46,36 @@ def parameter_groups(
         module: The network whose trainable parameters are grouped (``backbone`` + ``head``).
         layerwise_decay: Per-layer learning-rate decay; 1.0 (default) disables it.
         patch_embed_lr_mult: Extra learning-rate factor of the patch embedding (0.2 in DINOv2).
+        split_backbone: Keep the backbone's parameters in groups of their own (``backbone:
+            True``), for a learning rate of its own (a warm-up after a frozen start).
 
     Returns:
-        Groups with ``params``, ``name``, ``lr_scale`` and ``weight_decay`` (0.0 for the no-decay
-        groups). Without layer-wise scaling exactly two: ``"decay"`` and ``"no_decay"``.
+        Groups with ``params``, ``name``, ``lr_scale``, ``backbone`` and ``weight_decay`` (0.0
+        for the no-decay groups). Without layer-wise scaling and splitting exactly two:
+        ``"decay"`` and ``"no_decay"``.
     """
     n_blocks = len(getattr(getattr(module, "backbone", module), "blocks", []))
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         decays = not (name.endswith(".bias") or param.ndim == 1)
         scale = layerwise_lr_scale(name, n_blocks, layerwise_decay, patch_embed_lr_mult)
-        groups.setdefault((decays, scale), []).append(param)
-    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
-    single_scale = len({scale for _, scale in groups}) <= 1
+        in_backbone = split_backbone and name.startswith("backbone.")
+        groups.setdefault((decays, scale, in_backbone), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1], item[0][2]))
+    single_scale = len({key[1] for key in groups}) <= 1
     return [
         {
             "params": params,
-            "name": ("decay" if decays else "no_decay") + ("" if single_scale else f"/{scale:.4g}"),
+            "name": ("decay" if decays else "no_decay") + ("" if single_scale else f"/{scale:.4g}")
+            + ("/backbone" if in_backbone else ""),
             "lr_scale": scale,
+            "backbone": in_backbone,
             "apply_weight_decay": decays,
             **({} if decays else {"weight_decay": 0.0}),
         }
-        for (decays, scale), params in ordered
+        for (decays, scale, in_backbone), params in ordered
     ]
 
 
@@ -275,6 +284,18 @@ class StudentOptimization:
             warmup_steps=round(self.hparams.warmup_epochs * self.steps_per_epoch),
         )
 
+    def backbone_lr_factor(self, step: int) -> float:
+        """The backbone's learning-rate factor: 0 while frozen, then a linear warm-up to 1.
+
+        ``freeze_backbone_steps`` then ``backbone_warmup_steps`` (a pretrained backbone
+        continued with new heads); 1 without them.
+        """
+        since = step - self.hparams.get("freeze_backbone_steps", 0)
+        ramp = self.hparams.get("backbone_warmup_steps", 0)
+        if since < 0:
+            return 0.0
+        return 1.0 if ramp <= 0 else min(1.0, (since + 1) / ramp)
+
     def weight_decay(self, step: int) -> float:
         """Weight decay at step ``step``: cosine from ``weight_decay`` to ``weight_decay_end``."""
         return cosine_schedule(
@@ -293,10 +314,13 @@ class StudentOptimization:
         used); :meth:`start_schedules` sets them for the step the run starts at.
         """
         hp = self.hparams
-        groups = parameter_groups(self.student, hp.layerwise_decay, hp.patch_embed_lr_mult)
+        split = hp.get("backbone_warmup_steps", 0) > 0
+        groups = parameter_groups(self.student, hp.layerwise_decay, hp.patch_embed_lr_mult, split)
         betas = tuple(hp.get("adamw_betas", (0.9, 0.999)))
         optimizer = build_optimizer(groups, hp.optimizer, self.device, betas)
-        scheduler = StepScheduler(optimizer, self.learning_rate, self.weight_decay)
+        scheduler = StepScheduler(
+            optimizer, self.learning_rate, self.weight_decay, self.backbone_lr_factor
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

@@ -93,6 +93,7 @@ class StepScheduler(LRScheduler):
             the weight decay, others 0; a group's ``lr_scale`` (default 1) scales its lr.
         lr_at: Learning rate of a zero-based optimizer step.
         weight_decay_at: Weight decay of a zero-based optimizer step.
+        backbone_factor_at: Extra factor of the groups marked ``backbone`` at a step (None: 1).
     """
 
     def __init__(
@@ -100,15 +101,24 @@ class StepScheduler(LRScheduler):
         optimizer: Optimizer,
         lr_at: Callable[[int], float],
         weight_decay_at: Callable[[int], float],
+        backbone_factor_at: Callable[[int], float] | None = None,
     ) -> None:
         self.lr_at = lr_at
         self.weight_decay_at = weight_decay_at
+        self.backbone_factor_at = backbone_factor_at
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        """The learning rate of step ``last_epoch`` for every group, times its ``lr_scale``."""
+        """The learning rate of step ``last_epoch`` for every group, times its ``lr_scale``.
+
+        Groups marked ``backbone`` are also scaled by ``backbone_factor_at`` (a warm-up).
+        """
         lr = self.lr_at(self.last_epoch)
-        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+        factor = self.backbone_factor_at(self.last_epoch) if self.backbone_factor_at else 1.0
+        return [
+            lr * group.get("lr_scale", 1.0) * (factor if group.get("backbone") else 1.0)
+            for group in self.optimizer.param_groups
+        ]
 
     def step(self, epoch: int | None = None) -> None:
         """Move to the next step and set its learning rate and weight decay."""
