@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU throughput of DINO ViT-S/16 (2x224 + 10x96 crops, bf16-mixed) on one GPU, in at most ~8 min.
+# GPU throughput of DINO ViT-S/16 (2x224 + 10x96 crops, bf16-mixed) on one GPU, in at most 8 min
+# (9.5 with data/photos), through `lightning-dino benchmark` (docs/benchmark.md).
 #
 #   bash benchmarks/gpu.sh            # on a machine with one GPU
 #   bash benchmarks/gpu.sh --dry-run  # tiny models on the CPU: checks that every step runs
@@ -28,43 +29,64 @@ step() {  # step SECONDS TITLE COMMAND...: run with a time limit, report failure
   echo "   ($((SECONDS - start)) s)"
 }
 
-DRY=()
+# The recipe: ImageNet ViT-S/16 (2x224 + 10x96 crops, 65536 prototypes, bf16-mixed) on one GPU;
+# --dry-run: the tiny test recipe on the CPU, one timed step (checks that every step runs).
+BENCH=("$PY" -m lightning_dino benchmark)
 if [ "${1:-}" = "--dry-run" ]; then
-  DRY=(--device cpu --dry-run)
+  RECIPE=(--config tests/conf/tiny_vit.yaml --trainer.accelerator cpu)
+  TIMED=(--steps 1 --warmup 1)
+  GROW=(--max-batch-size 16)
+  COMPILED=(--steps 1 --warmup 2)
+  PIPELINE=(--data.num_workers 0 --data.synthetic_size 64 --data.batch_size 8)
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  RECIPE=(--config imagenet_vits16 --trainer.devices 1 --trainer.strategy auto
+          --data.n_local_crops 10 --model.freeze_last_layer 0)
+  TIMED=(--steps 20 --warmup 5)
+  GROW=()
+  COMPILED=(--steps 20 --warmup 8 --data.batch_size 128)
+  PIPELINE=(--data.num_workers 12 --data.synthetic_size 4096 --data.batch_size 128)
 fi
 "$PY" -c "import torch, lightning, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 '| lightning', lightning.__version__, '| timm', timm.__version__); import lightning_dino" || exit 1
 
-# 1. The model alone: random crops already on the GPU; batch 64, 128... until one does not fit.
-step 110 "ViT-S/16, synthetic GPU-resident crops, bf16-mixed" \
-  "$PY" benchmarks/gpu_throughput.py --batch-sizes 64 128 256 512 --steps 20 --warmup 5 "${DRY[@]}"
+# 1. The model alone (random crops): batch 64, 128... until one does not fit; then the largest
+#    again with activation checkpointing (the memory it saves, the speed it costs).
+step 140 "ViT-S/16, random crops, bf16-mixed: the largest batch, then activation checkpointing" \
+  "${BENCH[@]}" "${RECIPE[@]}" "${TIMED[@]}" --find-batch-size "${GROW[@]}" --compare-checkpointing
 
-# 2. torch.compile of the backbones (DINO(compile=True)); compile time is in the warm-up.
-step 110 "the same with --model.compile true, batch 128" \
-  "$PY" benchmarks/gpu_throughput.py --compile --batch-sizes 128 --steps 20 --warmup 8 "${DRY[@]}"
+# 2. torch.compile of the backbones; compile time is in the warm-up.
+step 90 "the same with --model.compile true, batch 128" \
+  "${BENCH[@]}" "${RECIPE[@]}" "${COMPILED[@]}" --model.compile true
 
 # 3. The real data pipeline: MultiCropDataModule with workers on generated 256-px images.
-step 70 "data pipeline, per-sample torchvision v2 augmentation (the reference's)" \
-  "$PY" benchmarks/gpu_throughput.py --data pipeline --augmentation per_sample \
-  --batch-sizes 128 --steps 10 --warmup 3 "${DRY[@]}"
-step 70 "data pipeline, batched augmentation in the workers" \
-  "$PY" benchmarks/gpu_throughput.py --data pipeline --augmentation batched \
-  --batch-sizes 128 --steps 10 --warmup 3 "${DRY[@]}"
+for aug in per_sample batched; do
+  step 50 "data pipeline on generated 256-px images, $aug augmentation, batch 128" \
+    "${BENCH[@]}" "${RECIPE[@]}" "${TIMED[@]}" --real-data "${PIPELINE[@]}" \
+    --data.dataset synthetic --data.synthetic_image_size 256 \
+    --data.augmentation "$aug"
+done
 # Real photographs (500x375 JPEGs from benchmarks/photos.py; build them before, on a machine
 # with PyPI, and carry data/photos): decode in the workers, crops and pixels on the GPU.
 if [ -d data/photos ]; then
   for aug in device batched; do
-    step 70 "real photographs, $aug augmentation" \
-      "$PY" benchmarks/gpu_throughput.py --data pipeline --photos data/photos --augmentation "$aug" \
-      --batch-sizes 128 --steps 10 --warmup 3 "${DRY[@]}"
+    step 50 "real photographs, $aug augmentation, batch 128" \
+      "${BENCH[@]}" "${RECIPE[@]}" "${TIMED[@]}" --real-data "${PIPELINE[@]}" \
+      --data.dataset folder --data.data_dir data/photos --data.val_fraction 0 \
+      --data.augmentation "$aug"
   done
 fi
 
-# 4. Side by side on the GPU: (a) DINO + Lightning, (b) per-view example-code loop, (c) bare loop.
+# 4. DINOv3's ViT-S/16 recipe (iBOT, KoLeo, RoPE): its largest batch.
+if [ "${1:-}" != "--dry-run" ]; then
+  step 70 "DINOv3 ViT-S/16 recipe, random crops: the largest batch" \
+    "${BENCH[@]}" --config dinov3_vits16 --trainer.devices 1 --trainer.strategy auto \
+    "${TIMED[@]}" --find-batch-size
+fi
+
+# 5. Side by side on the GPU: (a) DINO + Lightning, (b) per-view example-code loop, (c) bare loop.
 CONFIG=$(mktemp --suffix=.yaml)
-if [ ${#DRY[@]} -eq 0 ]; then
+if [ "${1:-}" != "--dry-run" ]; then
   cat > "$CONFIG" <<'YAML'
 trainer: {log_every_n_steps: 20}
 model: {backbone: vit_small_patch16_224, out_dim: 65536, freeze_last_layer: 0, warmup_epochs: 0}
@@ -76,7 +98,7 @@ else
   cp tests/conf/tiny_vit.yaml "$CONFIG"
   ABC=(--steps 1 --rounds 1 --warmup 1 --device cpu)
 fi
-step 100 "a/b/c side by side, batch 64" \
+step 70 "a/b/c side by side, batch 64" \
   "$PY" benchmarks/throughput.py --config "$CONFIG" "${ABC[@]}" --loader-batches 0 \
   --end-to-end-steps 0
 rm -f "$CONFIG"

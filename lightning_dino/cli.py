@@ -271,6 +271,7 @@ def _overview() -> str:
         f"lightning-dino {__version__}: DINO self-supervised pre-training.\n\n"
         "Training (LightningCLI; `lightning-dino fit --help` lists every key):\n"
         "  fit        train: lightning-dino fit --config quickstart (a recipe name, or a file)\n"
+        "  benchmark  a short run of a recipe on this device: images/s, memory, MFU\n"
         "  (evaluation: the knn and probe tools; DINO has no validation loop)\n\n"
         f"Tools (`lightning-dino TOOL --help`):\n{tools}\n\n"
         "lightning-dino --version prints the version.\n"
@@ -289,6 +290,15 @@ def main(args: ArgsType = None) -> None:
         return
     if argv and argv[0] in TOOLS:
         run_tool(argv[0], argv[1:])
+        return
+    if argv and argv[0] == "benchmark":
+        from lightning_dino import benchmark
+
+        try:
+            with cli_flags():
+                benchmark.main(argv[1:], train)
+        except (benchmark.OutOfMemory, FileNotFoundError, ValueError) as error:
+            sys.exit(f"lightning-dino benchmark: error: {error}")
         return
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())

@@ -23,6 +23,7 @@ from lightning_dino.io.frozen_teacher import load_teacher
 from lightning_dino.io.start_weights import pretrained_weights, split_pretrained
 from lightning_dino.losses.ibot import iBOTTerm
 from lightning_dino.networks.backbones import create_timm_backbone, feature_dim
+from lightning_dino.networks.checkpointing import use_activation_checkpointing
 from lightning_dino.setting_names import setting
 from lightning_dino.training.ema import TeacherEMA
 from lightning_dino.training.method import Check, Method
@@ -92,6 +93,8 @@ class Distillation(Method):
         patch_embed_lr_mult: Extra learning-rate factor of the patch embedding.
         optimizer: ``"adamw"`` or ``"sgd"``.
         channels_last: Keep a convolutional student's weights channels-last.
+        activation_checkpointing: Recompute the student's activations block by block in
+            backward (see :class:`~lightning_dino.DINO`).
         backbone_dim: Feature width of an ``nn.Module`` student that cannot be probed.
         monitors: Bring the throughput log and crop grid (and, for ``"dino"``, the collapse
             warning).
@@ -139,6 +142,7 @@ class Distillation(Method):
         patch_embed_lr_mult: float = 1.0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         channels_last: bool = True,
+        activation_checkpointing: bool = False,
         backbone_dim: int | None = None,
         monitors: bool = True,
     ) -> None:
@@ -154,6 +158,8 @@ class Distillation(Method):
         self.objective = make_objective(objective, self.hparams, self.teacher, run, owner=self)
         build_kwargs, pretrained = split_pretrained(backbone_kwargs)
         student_backbone = self._student_backbone(backbone, build_kwargs, feature_grid)
+        if activation_checkpointing:
+            use_activation_checkpointing(student_backbone, self)
         in_dim = backbone_dim or feature_dim(student_backbone, self)
         self.student, self.loss, terms = self.objective.build(
             student_backbone, in_dim, self.teacher

@@ -87,6 +87,16 @@ def check_tool(name: str, args: list[str]) -> None:
         parser.parse_args(_with_bare_flags_true(tool, args))
 
 
+def check_benchmark(args: list[str]) -> None:
+    """The benchmark's own flags, then the recipe with its overrides as ``fit`` reads them."""
+    from lightning_dino import benchmark
+
+    if "--help" in args:
+        return
+    options, overrides = benchmark.parse_args(args)
+    check_fit(["--config", options.config, *overrides])
+
+
 def check_script(path: str, args: list[str]) -> None:
     script = REPO / path
     assert script.is_file(), f"{path} does not exist"
@@ -104,11 +114,13 @@ def check(words: list[str]) -> None:
     if program == "lightning-dino":
         if args in ([], ["--help"], ["--version"]):  # the overview and the version
             return
-        assert args[0] == "fit" or args[0] in TOOLS, f"unknown subcommand {args[0]!r}"
+        assert args[0] in ("fit", "benchmark") or args[0] in TOOLS, f"unknown subcommand {args[0]!r}"
         if len(args) == 1:  # a mention in the prose: the subcommand exists
             return
         if args[0] == "fit":
             check_fit(args[1:])
+        elif args[0] == "benchmark":
+            check_benchmark(args[1:])
         else:
             check_tool(args[0], args[1:])
     elif program in ("python", "python3", ".venv/bin/python"):
@@ -140,6 +152,8 @@ def test_documented_command_parses(page, command):
         "lightning-dino fit --config configs/quickstart.yaml --model.no_such_key 1",
         "lightning-dino fit --config configs/no_such_config.yaml",
         "lightning-dino knn --ckpt a.ckpt --no_such_flag 3",
+        "lightning-dino benchmark --config quickstart --model.no_such_key 1",
+        "lightning-dino benchmark --config quickstart --no-such-flag",
         "lightning-dino no_such_tool --x 1",
         "python benchmarks/no_such_benchmark.py",
         "python benchmarks/loader_throughput.py --no-such-flag",

@@ -14,6 +14,7 @@ from timm.layers import SelectAdaptivePool2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_dino.networks.checkpointing import use_activation_checkpointing
 from lightning_dino.networks.head import DINOHead
 from lightning_dino.networks.tokens import token_forward
 from lightning_dino.setting_names import setting
@@ -408,6 +409,7 @@ def build_student_teacher(
     mask_token: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    activation_checkpointing: bool = False,
     patch_head_kwargs: dict[str, Any] | None = None,
     check_backbone: Callable[[nn.Module, int], None] | None = None,
     owner: object = "model",
@@ -429,6 +431,8 @@ def build_student_teacher(
             token-wide, so that the head takes class and patch tokens alike).
         channels_last: Keep convolutional backbones' weights channels-last (ViTs are left).
         compile: ``torch.compile`` both backbones in place (checkpoint keys do not change).
+        activation_checkpointing: Recompute the student backbone's block activations in backward
+            (:func:`~lightning_dino.networks.checkpointing.use_activation_checkpointing`).
         patch_head_kwargs: Give both networks a separate :class:`DINOHead` for the iBOT patch
             tokens, with these arguments (except ``in_dim``); None: one head for both.
         check_backbone: Called with the student backbone and its feature width D once they are
@@ -470,6 +474,8 @@ def build_student_teacher(
     teacher = network(teacher_backbone, frozen_norm=True)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if activation_checkpointing:
+        use_activation_checkpointing(student.backbone, owner)
     for built in (student, teacher):
         if channels_last and not is_vit(built.backbone):
             built.backbone.to(memory_format=torch.channels_last)

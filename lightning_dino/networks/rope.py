@@ -22,7 +22,11 @@ from lightning_dino.setting_names import setting
 
 
 class RopeRescale:
-    """The hooks of :func:`use_rope_rescale`: the patch grid of the forward, a draw per block.
+    """The hooks of :func:`use_rope_rescale`: the patch grids seen, a draw per block.
+
+    A block finds its grid by the number of patches of the embedding Eva hands it, so that a
+    block recomputed in backward (activation checkpointing) after a forward of another crop size
+    redraws for its own grid (and, its random state restored, draws the same factor).
 
     Args:
         backbone: A timm ``Eva`` with DINOv3's rotary embedding.
@@ -30,19 +34,22 @@ class RopeRescale:
 
     def __init__(self, backbone: nn.Module) -> None:
         self.backbone = backbone
-        self.grid: tuple[int, int] | None = None
+        self.grids: dict[int, tuple[int, int]] = {}
 
     def record_grid(self, module: nn.Module, args: Any, output: Tensor) -> None:
         """``patch_embed``'s forward hook: the (rows, columns) of this forward's patches."""
         if output.ndim == 4:  # (B, h, w, D), the patch embedding of a dynamic-size backbone
-            self.grid = (int(output.shape[1]), int(output.shape[2]))
+            grid = (int(output.shape[1]), int(output.shape[2]))
         else:
-            self.grid = tuple(self.backbone.patch_embed.grid_size)
+            grid = tuple(self.backbone.patch_embed.grid_size)
+        self.grids[grid[0] * grid[1]] = grid
 
     def redraw(self, block: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         """A block's forward pre-hook: in training, its own draw of the rescaled embedding."""
-        if block.training and kwargs.get("rope") is not None and self.grid is not None:
-            kwargs["rope"] = self.backbone.rope.get_embed(shape=list(self.grid))
+        rope = kwargs.get("rope")
+        grid = None if rope is None else self.grids.get(int(rope.shape[-2]))
+        if block.training and grid is not None:
+            kwargs["rope"] = self.backbone.rope.get_embed(shape=list(grid))
         return args, kwargs
 
 

@@ -41,6 +41,24 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
     data: dict[str, Any] = dict(getattr(datamodule, "hparams", {}))
     _check_views(model, data)
     model.check_data(data)
+    check_crop_sizes(model, data)
+    batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
+    _check_batch_norm(model, batch_size, trainer)
+    if batch_size is not None:
+        model.check_batch_size(batch_size)
+
+
+def check_crop_sizes(model: pl.LightningModule, data: dict[str, Any]) -> None:
+    """Run the student backbone on one blank image of each crop size the data settings make.
+
+    Args:
+        model: The method module.
+        data: ``MultiCropDataModule``'s arguments (``global_crop_size``, ``local_crop_size``,
+            ``n_local_crops``, ``crop_size_mix``).
+
+    Raises:
+        ValueError: Naming the data setting whose size the backbone cannot take.
+    """
     mix = data.get("crop_size_mix")
     rows = mix or [[data.get("global_crop_size"), data.get("local_crop_size")]]
     keys = ("crop_size_mix",) * 2 if mix else ("global_crop_size", "local_crop_size")
@@ -51,10 +69,6 @@ def check_model_and_data(model: pl.LightningModule, trainer: pl.Trainer) -> None
         if size is not None:
             what = f"{setting('data', key)} ({size} px)" if mix else setting("data", key, size)
             _check_crop_size(model.student.backbone, what, int(size))
-    batch_size = data.get("batch_size", getattr(datamodule, "batch_size", None))
-    _check_batch_norm(model, batch_size, trainer)
-    if batch_size is not None:
-        model.check_batch_size(batch_size)
 
 
 def _check_views(model: pl.LightningModule, data: dict[str, Any]) -> None:
