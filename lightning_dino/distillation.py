@@ -24,6 +24,7 @@ from lightning_dino.io.start_weights import pretrained_weights, split_pretrained
 from lightning_dino.losses.ibot import iBOTTerm
 from lightning_dino.networks.backbones import create_timm_backbone, feature_dim
 from lightning_dino.networks.checkpointing import use_activation_checkpointing
+from lightning_dino.networks.sharding import load_full_state_
 from lightning_dino.setting_names import setting
 from lightning_dino.training.ema import TeacherEMA
 from lightning_dino.training.method import Check, Method
@@ -231,7 +232,7 @@ class Distillation(Method):
     def start_run(self) -> None:
         """A run from step 0: the teacher's waiting weights, the objective's state (a centre)."""
         if self._pending_teacher is not None:
-            self.teacher.backbone.load_state_dict(pretrained_weights(
+            load_full_state_(self.teacher.backbone, pretrained_weights(
                 self.hparams.teacher, self._pending_teacher, 0, self, "teacher_kwargs"
             ))
             self._pending_teacher = None

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_dino.io.export import default_network, load_backbone, read_checkpoint
 from lightning_dino.networks.backbones import create_timm_backbone
+from lightning_dino.networks.sharding import copy_full_
 from lightning_dino.setting_names import setting
 
 
@@ -138,7 +139,7 @@ def load_start_weights(
     taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     with torch.no_grad():
         for key, value in taken.items():
-            own[key].copy_(value)
+            copy_full_(own[key], value)
         teacher.load_state_dict(student.state_dict())
     return sorted(set(own) - set(taken))
 

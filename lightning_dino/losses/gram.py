@@ -22,6 +22,7 @@ from lightning_dino.losses.precision import full_precision
 from lightning_dino.losses.term import Check, LossTerm
 from lightning_dino.networks.backbones import MultiCropNetwork, is_vit
 from lightning_dino.networks.forward import GRAM_CROPS, TOKENS, StepOutputs
+from lightning_dino.networks.sharding import load_full_state_
 from lightning_dino.networks.tokens import check_token_backbone, token_forward
 from lightning_dino.setting_names import setting
 
@@ -262,6 +263,10 @@ class GramTerm(LossTerm):
             return self.weight
         return self.weight * (1.0 - math.cos(math.pi * since / (self.ramp_steps - 1))) / 2.0
 
+    def networks(self) -> list[nn.Module]:
+        """The Gram teacher, sharded like the EMA teacher it copies."""
+        return [self.teacher]
+
     def snapshot_due(self, step: int) -> bool:
         """Whether the EMA teacher is copied into the Gram teacher before optimizer step ``step``.
 
@@ -326,8 +331,8 @@ def load_gram_teacher(backbone: nn.Module, checkpoint: str) -> None:
     weights = {k[len(prefix):]: v for k, v in state.get("state_dict", {}).items()
                if k.startswith(prefix)}
     try:
-        backbone.load_state_dict(weights)
-    except RuntimeError as err:
+        load_full_state_(backbone, weights)
+    except (RuntimeError, KeyError) as err:
         raise ValueError(
             f"{setting('model', 'gram_teacher_checkpoint', checkpoint)} holds no EMA teacher "
             f"backbone of this run's architecture ({err})"

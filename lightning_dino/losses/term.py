@@ -172,6 +172,10 @@ class LossTerm(nn.Module):
         """
         raise NotImplementedError
 
+    def networks(self) -> list[nn.Module]:
+        """Networks the term keeps beside the method's (a Gram teacher), sharded alike."""
+        return []
+
     def start_run(self) -> None:
         """A run starts at step 0: drop any state left by an earlier run (e.g. a centre)."""
 

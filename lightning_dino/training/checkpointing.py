@@ -30,6 +30,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_dino.networks.sharding import local
 from lightning_dino.seeding import seed_this_rank
 from lightning_dino.setting_names import setting
 from lightning_dino.training.preemption import StopSignals, TrainingInterrupted
@@ -313,10 +314,13 @@ def _check_finite(trainer: pl.Trainer, filepath: str, last_saved: str) -> None:
     ]
     if not tensors:
         return
-    norms = torch._foreach_norm([tensor.detach().float() for _, tensor in tensors])
-    if bool(torch.stack(norms).isfinite().all()):
+    # A sharded module: each rank checks its own slices, and the ranks decide together.
+    norms = torch._foreach_norm([local(tensor.detach()).float() for _, tensor in tensors])
+    finite = bool(torch.stack(norms).isfinite().all())
+    if trainer.strategy.reduce_boolean_decision(finite, all=True):
         return
-    bad = next(name for (name, tensor) in tensors if not bool(tensor.detach().isfinite().all()))
+    bad = next((name for (name, tensor) in tensors
+                if not bool(local(tensor.detach()).isfinite().all())), "a tensor of another rank")
     kept = f"the last checkpoint ({last_saved}) is kept" if last_saved else "nothing was saved"
     raise FloatingPointError(
         f"not writing {filepath}: {bad} is NaN or infinite at global step "

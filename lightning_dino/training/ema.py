@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_dino.networks.sharding import local, reshard
 from lightning_dino.training.schedules import cosine_schedule
 
 
@@ -25,6 +26,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         student: The trained network with the same architecture.
         momentum: EMA momentum m in [0, 1].
     """
+    reshard(teacher)  # sharded: its slices, not the weights a forward gathered
     teacher_params = list(teacher.parameters())
     student_params = list(student.parameters())
     if len(teacher_params) != len(student_params):
@@ -34,7 +36,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         )
     if momentum == 1.0:
         return
-    torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - momentum)
+    # Sharded networks: each rank moves its own slices (teacher and student are sharded alike).
+    torch._foreach_lerp_([local(p) for p in teacher_params],
+                         [local(p.detach()) for p in student_params], 1.0 - momentum)
 
 
 class TeacherEMA(Callback):

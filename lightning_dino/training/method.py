@@ -40,6 +40,11 @@ from lightning_dino.io.start_weights import (
 )
 from lightning_dino.losses.term import LossTerm
 from lightning_dino.networks.forward import GRAM_CROPS
+from lightning_dino.networks.sharding import (
+    all_reduce_unsharded_gradients,
+    broadcast_buffers,
+    is_sharded,
+)
 from lightning_dino.setting_names import setting
 from lightning_dino.training.callbacks import callbacks_to_bring
 from lightning_dino.training.checkpointing import RandomStateCallback, check_finite_loss
@@ -51,7 +56,8 @@ from lightning_dino.training.preflight import (
     crops_of,
     extra_crops_of,
 )
-from lightning_dino.training.resume import check_resume
+from lightning_dino.training.resume import check_resume, settle_epoch_end
+from lightning_dino.training.sharding import shard_method
 from lightning_dino.training.step_logging import StepResult, log_step
 
 # (crops, labels), a bare list of crops, or {"crops": crops, ...}; see preflight.crops_of.
@@ -97,6 +103,7 @@ class Method(StudentOptimization, pl.LightningModule):
         self._check_next_batch = True
         self._checked_shapes: set[tuple[tuple[int, ...], ...]] = set()
         self.crop_sizes: dict[str, list[int] | None] | None = None
+        self._checked_before_load = False
 
     # Arguments -------------------------------------------------------------------------------
 
@@ -299,12 +306,42 @@ class Method(StudentOptimization, pl.LightningModule):
 
         Older checkpoints' keys are renamed; network-shaping hyperparameters that differ fail
         here, naming the keys; other differences (a new lr, a longer run) are this run's, with
-        one warning; see :func:`~lightning_dino.training.resume.check_resume`.
+        one warning; see :func:`~lightning_dino.training.resume.check_resume`. A sharded
+        checkpoint was checked before its shards were read (:meth:`check_resume_before_load`).
 
         Raises:
             ResumeError: If the checkpoint's networks have another shape than this module's.
         """
+        if self._checked_before_load:
+            self._checked_before_load = False
+            settle_epoch_end(checkpoint)
+            return
         check_resume(self, checkpoint)
+
+    def check_resume_before_load(self, metadata: dict[str, Any]) -> None:
+        """The resume checks of a sharded checkpoint, from its metadata, before any shard loads."""
+        check_resume(self, metadata)
+        self._checked_before_load = True
+
+    # Sharding --------------------------------------------------------------------------------
+
+    def sharded_networks(self) -> list[nn.Module]:
+        """The networks a ``ModelParallelStrategy`` shards, each alike.
+
+        The student, the evaluated and frozen networks, and those the loss terms keep (a Gram
+        teacher).
+        """
+        names = dict.fromkeys(("student", self.evaluated_network, *self.frozen_networks))
+        networks = [getattr(self, name) for name in names]
+        return networks + [n for term in self.terms for n in term.networks()]
+
+    def configure_model(self) -> None:
+        """Shard the networks under a ``ModelParallelStrategy``; otherwise nothing.
+
+        See :mod:`~lightning_dino.training.sharding`.
+        """
+        if getattr(self, "_device_mesh", None) is not None:
+            shard_method(self, self.sharded_networks())
 
     def schedule_warnings(self) -> list[str]:
         """The optimisation's warnings, and a pretrained backbone started with new heads at once.
@@ -386,6 +423,8 @@ class Method(StudentOptimization, pl.LightningModule):
         data module produced it.
         """
         crops = crops_of(batch)
+        if is_sharded(self.student):  # DDP's buffer broadcast: every rank's statistics rank 0's
+            broadcast_buffers(self)
         shapes = tuple(tuple(crop.shape[-2:]) for crop in crops)
         if self._check_next_batch or shapes not in self._checked_shapes:  # new crop sizes
             sizes = check_first_batch(self, crops)
@@ -400,7 +439,12 @@ class Method(StudentOptimization, pl.LightningModule):
         """After the clip, before the optimizer step (freezes, centres); nothing here."""
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-tensor clip of the student's unscaled gradients, then the method's own updates."""
+        """Per-tensor clip of the student's unscaled gradients, then the method's own updates.
+
+        Sharded, the gradients of parameters no shard holds (a mask token) are averaged first.
+        """
+        if is_sharded(self.student):
+            all_reduce_unsharded_gradients(self.student)
         self.clip_student_gradients(optimizer)
         self.before_optimizer_step()
 

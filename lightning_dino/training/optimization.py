@@ -12,8 +12,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from lightning_dino.networks.sharding import local
 from lightning_dino.setting_names import setting
 from lightning_dino.training.schedules import (
     StepScheduler,
@@ -52,30 +54,33 @@ def parameter_groups(
     Returns:
         Groups with ``params``, ``name``, ``lr_scale``, ``backbone`` and ``weight_decay`` (0.0
         for the no-decay groups). Without layer-wise scaling and splitting exactly two:
-        ``"decay"`` and ``"no_decay"``.
+        ``"decay"`` and ``"no_decay"``. In a sharded module, the parameters no shard holds (a
+        mask token) form groups of their own (a fused optimizer step takes one kind of tensor).
     """
     n_blocks = len(getattr(getattr(module, "backbone", module), "blocks", []))
-    groups: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
+    sharded = any(isinstance(p, DTensor) for p in module.parameters())
+    groups: dict[tuple[bool, float, bool, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         decays = not (name.endswith(".bias") or param.ndim == 1)
         scale = layerwise_lr_scale(name, n_blocks, layerwise_decay, patch_embed_lr_mult)
         in_backbone = split_backbone and name.startswith("backbone.")
-        groups.setdefault((decays, scale, in_backbone), []).append(param)
-    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1], item[0][2]))
+        whole = sharded and not isinstance(param, DTensor)  # a fused step takes one kind
+        groups.setdefault((decays, scale, in_backbone, whole), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1], item[0][2:]))
     single_scale = len({key[1] for key in groups}) <= 1
     return [
         {
             "params": params,
             "name": ("decay" if decays else "no_decay") + ("" if single_scale else f"/{scale:.4g}")
-            + ("/backbone" if in_backbone else ""),
+            + ("/backbone" if in_backbone else "") + ("/unsharded" if whole else ""),
             "lr_scale": scale,
             "backbone": in_backbone,
             "apply_weight_decay": decays,
             **({} if decays else {"weight_decay": 0.0}),
         }
-        for (decays, scale, in_backbone), params in ordered
+        for (decays, scale, in_backbone, whole), params in ordered
     ]
 
 
@@ -121,9 +126,24 @@ def clip_gradients_per_tensor(params: list[nn.Parameter], max_norm: float) -> No
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
+    norms = full_norms(grads)
     factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, factors)
+    torch._foreach_mul_([local(g) for g in grads], factors)
+
+
+def full_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The L2 norm of each tensor; of a sharded one (``DTensor``), its full tensor's.
+
+    Sharded tensors' norms come from one all-reduce of the local squared norms.
+    """
+    norms = list(torch._foreach_norm([local(t) for t in tensors]))
+    sharded = [i for i, t in enumerate(tensors) if isinstance(t, DTensor)]
+    if sharded:
+        squares = torch.stack([norms[i] for i in sharded]).float() ** 2
+        torch.distributed.all_reduce(squares, group=tensors[sharded[0]].device_mesh.get_group())
+        for i, total in zip(sharded, squares.sqrt().to(norms[0].dtype), strict=True):
+            norms[i] = total
+    return norms
 
 
 def unscale_fp16_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -193,9 +213,11 @@ def clip_gradients_per_module(modules: list[list[nn.Parameter]], max_norm: float
         max_norm: Largest allowed global norm per submodule.
     """
     for params in modules:
-        with_grads = [p for p in params if p.grad is not None]
-        if with_grads:
-            torch.nn.utils.clip_grad_norm_(with_grads, max_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:  # clip_grad_norm_'s formula, on full norms when sharded
+            total = torch.stack([n.float() for n in full_norms(grads)]).norm()
+            factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_([local(g) for g in grads], factor)
 
 
 def student_submodules(student: nn.Module) -> list[list[nn.Parameter]]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_dino.networks.sharding import full_state_dict
+
 
 class DumpState(Callback):
     """Record each step's loss and batch fingerprint; at the end write this rank's state to
@@ -30,11 +32,11 @@ class DumpState(Callback):
     def on_train_end(self, trainer, pl_module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {
-            "student": {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
-            "teacher": {k: v.detach().clone() for k, v in pl_module.teacher.state_dict().items()},
+            "student": full_state_dict(pl_module.student),
+            "teacher": full_state_dict(pl_module.teacher),
             "center": getattr(getattr(pl_module, "loss", None), "center", torch.zeros(1)).detach().clone(),
             "centers": {k: v.detach().clone() for k, v in pl_module.named_buffers() if k.endswith("center")},
-            "ema": {k: v.detach().clone() for k, v in getattr(pl_module, "ema", torch.nn.Module()).state_dict().items()},
+            "ema": full_state_dict(getattr(pl_module, "ema", torch.nn.Module())),
             "rows": self.rows,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
@@ -76,8 +78,8 @@ class DumpStateFromStart(DumpState):
     def on_train_start(self, trainer, pl_module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {
-            "student": {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
-            "teacher": {k: v.detach().clone() for k, v in pl_module.teacher.state_dict().items()},
+            "student": full_state_dict(pl_module.student),
+            "teacher": full_state_dict(pl_module.teacher),
             "center": pl_module.loss.center.detach().clone(),
         }
         torch.save(state, self.out_dir / f"start_rank{trainer.global_rank}.pt")
