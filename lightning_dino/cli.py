@@ -44,6 +44,7 @@ TOOLS: dict[str, str] = {
         for name in ("export", "embed", "knn", "probe", "attention")
     },
     "prepare": "lightning_dino.data.prepared.writer:prepare_streaming_dataset",
+    "consolidate": "lightning_dino.io.sharded_checkpoints:consolidate",
     "configs": "lightning_dino.recipes:configs",
 }
 

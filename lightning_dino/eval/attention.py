@@ -27,6 +27,7 @@ from torchvision.utils import make_grid
 
 from lightning_dino.eval.knn import evaluated_backbone
 from lightning_dino.extras import require
+from lightning_dino.networks.sharding import is_sharded
 
 _PURPOSE = "Attention images (AttentionMapMonitor, lightning-dino attention)"
 
@@ -295,14 +296,14 @@ class AttentionMapMonitor(Callback):
             self._disabled = True
             return
         datamodule = getattr(trainer, "datamodule", None)
-        if trainer.is_global_zero and getattr(datamodule, "has_labels", False):
+        if getattr(datamodule, "has_labels", False):
             self._images = _first_images(datamodule.knn_val_dataloader(), self.n_images)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Without labelled images, fix the first global crop of the first batch."""
-        if self._images is not None or self._disabled or not trainer.is_global_zero:
+        if self._images is not None or self._disabled:
             return
         crops = _first_tensor(batch)
         if crops is None or crops.ndim != 4:
@@ -315,12 +316,21 @@ class AttentionMapMonitor(Callback):
         self._images = crops[: self.n_images].detach().cpu().clone()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every n-th epoch, compute the maps on rank zero and log the grid."""
+        """Every n-th epoch, compute the maps on rank zero (every rank when sharded), log the grid.
+
+        A sharded backbone gathers its weights in every forward, a collective call: every rank
+        runs it on its own images, and rank zero logs its grid.
+        """
         due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        if self._disabled or not due or not trainer.is_global_zero or self._images is None:
+        backbone = evaluated_backbone(pl_module)
+        if self._disabled or not due or self._images is None:
+            return
+        if not trainer.is_global_zero and not is_sharded(backbone):
             return
         images = self._images.to(pl_module.device)
-        maps = attention_maps(evaluated_backbone(pl_module), images, self.threshold)
+        maps = attention_maps(backbone, images, self.threshold)
+        if not trainer.is_global_zero:
+            return
         self.last_grid = attention_grid(self._images, maps, self.mean, self.std)
         tensorboard = next(
             (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None

@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_dino.data.crops import IMAGENET_MEAN, IMAGENET_STD
+from lightning_dino.io.sharded_checkpoints import is_sharded_checkpoint, read_sharded_checkpoint
 from lightning_dino.networks.backbones import (
     create_timm_backbone,
     feature_grid_of,
@@ -192,7 +193,8 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint on the CPU without unpickling any code.
 
     Args:
-        checkpoint: Path of the ``.ckpt`` file.
+        checkpoint: Path of the ``.ckpt`` file, or a sharded run's checkpoint folder
+            (:mod:`~lightning_dino.io.sharded_checkpoints`).
 
     Returns:
         The checkpoint dictionary (``state_dict``, ``hyper_parameters``, ``epoch``...).
@@ -203,6 +205,8 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
             (``weights_only``) loading reads, or holds no ``state_dict``.
     """
     path = Path(checkpoint)
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path)
     if not path.is_file():
         hint = " (it is a directory: pass the .ckpt file inside it)" if path.is_dir() else ""
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")

@@ -36,6 +36,8 @@ from lightning_dino.setting_names import setting
 from lightning_dino.training.preemption import StopSignals, TrainingInterrupted
 
 _TEMPORARY_SUFFIX = ".partial"
+# A sharded checkpoint folder moved aside while its successor is renamed into place.
+_PREVIOUS_SUFFIX = ".previous" + _TEMPORARY_SUFFIX
 
 
 class DINOCheckpoint(ModelCheckpoint):
@@ -355,12 +357,20 @@ def remove_torn_files(folder: str) -> list[str]:
     if not _is_local(folder) or not os.path.isdir(folder):
         return []
     removed = []
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(_TEMPORARY_SUFFIX):
-            path = os.path.join(folder, name)
-            with contextlib.suppress(FileNotFoundError):
+    for name in sorted(os.listdir(folder), key=lambda n: not n.endswith(_PREVIOUS_SUFFIX)):
+        if not (name.startswith(".") and name.endswith(_TEMPORARY_SUFFIX)):
+            continue
+        path = os.path.join(folder, name)
+        original = os.path.join(folder, name[1 : -len(_PREVIOUS_SUFFIX)])
+        if name.endswith(_PREVIOUS_SUFFIX) and not os.path.exists(original):
+            os.replace(path, original)  # killed between the two renames: the old one is whole
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # a sharded checkpoint's folder
+            else:
                 os.remove(path)
-                removed.append(path)
+            removed.append(path)
     return removed
 
 
@@ -378,9 +388,14 @@ def _replace(source: str, target: str) -> None:
     if os.path.isfile(source) and not os.path.islink(source):
         with open(source, "rb") as file:
             os.fsync(file.fileno())
+    previous = None
     if os.path.isdir(target) and not os.path.islink(target):  # sharded checkpoints are folders
-        shutil.rmtree(target)
+        directory, name = os.path.split(target)  # os.replace cannot replace a folder: move the
+        previous = os.path.join(directory, f".{name}{_PREVIOUS_SUFFIX}")  # old one aside first
+        os.replace(target, previous)
     os.replace(source, target)
+    if previous is not None:
+        shutil.rmtree(previous)
     with contextlib.suppress(OSError):  # make the rename durable where directories can be synced
         directory = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
         try:

@@ -29,10 +29,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
+from lightning_dino.io.sharded_checkpoints import METADATA_FILE
 from lightning_dino.networks.sharding import is_sharded, shard_network
-
-# The file Lightning writes next to a distributed checkpoint's shards: everything but the tensors.
-METADATA_FILE = "meta.pt"
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -3,6 +3,7 @@ steps under DDP: student, teacher and centres equal within fp32 tolerance, for D
 KoLeo and for a distillation; sharded checkpoints that resume exactly and export."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,56 @@ def test_distilling_a_vit_into_a_resnet_sharded_equals_ddp(tmp_path):
     assert sharded[0]["global_step"] == ddp[0]["global_step"] == 4
     for rank in (0, 1):
         assert_same_networks(sharded[rank], ddp[rank], keys=("student", "ema", "teacher"))
+
+
+SHARDED = [*RUN, *DINO_FLAGS, "--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.max_epochs=3"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_then_resume_of_a_sharded_run_ends_bit_identical_and_the_folder_exports(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight.mkdir(), stopped.mkdir()
+    signal_probe = [f"--trainer.callbacks+={PROBES}.SignalAtStep", "--trainer.callbacks.step=3"]
+    first = launch([*SHARDED, *signal_probe], stopped)
+    whole = launch(SHARDED, straight)
+    stderr = finish(first, ok=False)
+    assert first.returncode == 128 + signal.SIGTERM and "SIGTERM received: saved" in stderr
+    finish(whole)
+    folder = stopped / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    from lightning_dino.io.export import read_checkpoint
+
+    saved = read_checkpoint(folder)
+    assert saved["global_step"] == 4 and "teacher.backbone.pos_embed" in saved["state_dict"]
+    resumed = stopped / "resumed"
+    resumed.mkdir()
+    finish(launch([*SHARDED, "--ckpt_path", str(folder)], resumed))
+    got, want = ranks(resumed), ranks(straight)
+    for rank in (0, 1):
+        assert got[rank]["global_step"] == want[rank]["global_step"] == 6
+        for key in ("student", "teacher"):
+            for name, value in want[rank][key].items():
+                assert torch.equal(got[rank][key][name], value), f"rank {rank} {key}.{name}"
+        for name, centre in want[rank]["centers"].items():
+            assert torch.equal(got[rank]["centers"][name], centre), name
+    moved = (want[0]["teacher"]["backbone.pos_embed"] - saved["state_dict"]["teacher.backbone.pos_embed"]).abs().max()
+    assert moved > 1e-4  # the resumed steps changed the teacher: the equality is not the saved state's
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "lightning_dino", "export", "--ckpt", str(folder), "--out",
+                          str(tmp_path / "export")], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+    # On one rank: the shards are read into one process's model; a changed network shape stops first.
+    one = tmp_path / "one"
+    one.mkdir()
+    changed = finish(launch([*SHARDED, "--trainer.devices=1", "--model.out_dim=32", "--ckpt_path", str(folder)],
+                            one), ok=False)
+    assert "--model.out_dim=32 (checkpoint: 64) changes the shape of the saved networks" in changed
+    finish(launch([*SHARDED, "--trainer.devices=1", "--ckpt_path", str(folder)], one))
+    # Its last epoch, alone: 16 images in batches of 4, 4 steps after the saved 4.
+    assert torch.load(one / "rank0.pt", weights_only=False)["global_step"] == 8
