@@ -1,5 +1,6 @@
 # lightning_dino: `make quickstart` trains on Fashion-MNIST and prints the k-NN accuracy;
-# `make test` gets Fashion-MNIST (some tests train on it), runs the linter and the test suite;
+# `make test` gets Fashion-MNIST (some tests train on it), runs the linter and the test suite
+# (`make test-all` adds the slow multi-rank tier);
 # `make docs` builds the documentation site.
 # All create .venv when it is missing.
 
@@ -9,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 QUICKSTART_DIR := runs/quickstart
 
-.PHONY: venv test lint docs quickstart fashion-mnist clean
+.PHONY: venv test test-tier2 test-all lint docs quickstart fashion-mnist clean
 
 venv: $(VENV)/.installed
 
@@ -23,7 +24,14 @@ lint: venv
 	$(PY) -m ruff check .
 
 test: venv fashion-mnist lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not tier2"
+
+# The second tier: slow multi-rank checks (sharded training on two CPU ranks, the GPU script's
+# dry run). `make test-all` is both tiers, as CI runs them.
+test-tier2: venv
+	$(PY) -m pytest -q -m tier2
+
+test-all: test test-tier2
 
 # The documentation site (docs/ and the docstrings) into site/; --strict fails on any warning,
 # such as a reference to a name that no longer exists.

@@ -27,6 +27,7 @@ from lightning_dino.training.ema import TeacherEMA, ema_update
 from lightning_dino.training.monitors import CropGridLogger, ThroughputLogger
 from lightning_dino.training.preemption import TrainingInterrupted
 from lightning_dino.training.schedules import StepScheduler
+from lightning_dino.training.sharding import FSDP2Strategy
 from lightning_dino.version import __version__
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "DINOLoss",
     "Distillation",
     "EpochSampler",
+    "FSDP2Strategy",
     "GramLoss",
     "KNNMonitor",
     "KoLeoLoss",

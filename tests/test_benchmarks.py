@@ -69,6 +69,7 @@ def test_throughput_runs_end_to_end_and_ends_with_the_ratios(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_the_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
     """benchmarks/gpu.sh is run once on a lent GPU: every step must work the first time."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}

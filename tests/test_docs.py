@@ -63,6 +63,8 @@ def all_commands() -> list[tuple[str, str]]:
 def normalise(command: str) -> list[str]:
     """The command's words, launchers (srun, torchrun, python -m) reduced to the program."""
     words = shlex.split(command, comments=True)
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # environment assignments
+        words = words[1:]
     if words and words[0] == "srun":
         words = words[1:]
     if words and words[0] in ("torchrun", "python", "python3") and "-m" in words:

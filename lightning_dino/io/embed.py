@@ -24,6 +24,7 @@ from lightning_dino.data.crops import IMAGENET_MEAN, IMAGENET_STD
 from lightning_dino.data.image_folders import find_image_files, load_image
 from lightning_dino.data.transforms import EvalTransform
 from lightning_dino.io.export import CONFIG_NAME, eval_preprocessing, load_backbone, read_checkpoint
+from lightning_dino.io.sharded_checkpoints import is_sharded_checkpoint
 
 EMBEDDINGS_KEY = "embeddings"
 
@@ -131,7 +132,7 @@ def _training_preprocessing(backbone_or_path: nn.Module | str | Path) -> dict[st
     config = path / CONFIG_NAME if path.is_dir() else path.with_name(CONFIG_NAME)
     if config.is_file():
         return dict(json.loads(config.read_text()).get("pretrained_cfg") or {})
-    if path.suffix == ".ckpt" and path.is_file():
+    if path.suffix == ".ckpt" and (path.is_file() or is_sharded_checkpoint(path)):
         data = eval_preprocessing(read_checkpoint(path))
         cfg: dict[str, Any] = {"mean": data["mean"], "std": data["std"]}
         if data["size"]:

@@ -150,7 +150,8 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
     prefixed backbone weights are loaded strictly.
 
     Args:
-        path: An export directory (or its ``config.json`` / ``model.safetensors``), or a ``.ckpt``.
+        path: An export directory (or its ``config.json`` / ``model.safetensors``), a ``.ckpt``
+            file or a sharded run's checkpoint folder.
         which: For a checkpoint, ``"teacher"``, ``"student"`` or ``"ema"``; None (default) is
             the network it evaluates (:func:`default_network`). For an export, None or the
             network it holds (a mismatch is an error).
@@ -167,7 +168,7 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
     path = Path(path)
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         path = path.parent
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         return _load_export(path, which).train().requires_grad_(True)
     ckpt = read_checkpoint(path)
     which = which or default_network(ckpt)

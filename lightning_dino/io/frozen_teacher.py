@@ -14,6 +14,7 @@ from lightning_dino.io.export import (
     load_backbone,
     read_checkpoint,
 )
+from lightning_dino.io.sharded_checkpoints import is_sharded_checkpoint
 from lightning_dino.io.start_weights import split_pretrained
 from lightning_dino.networks.backbones import create_timm_backbone
 from lightning_dino.networks.distillation import FrozenTeacher
@@ -74,7 +75,8 @@ def load_teacher(
             "export`, a timm model name or an nn.Module."
         )
     try:
-        if path.is_dir() or path.suffix in (".json", ".safetensors"):
+        export = path.is_dir() and not is_sharded_checkpoint(path)
+        if export or path.suffix in (".json", ".safetensors"):
             return FrozenTeacher(load_backbone(path)), {}
         return _from_checkpoint(path, patch_head)
     except (UnreadableCheckpointError, ValueError, FileNotFoundError) as err:

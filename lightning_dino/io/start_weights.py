@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dino.io.export import default_network, load_backbone, read_checkpoint
+from lightning_dino.io.sharded_checkpoints import is_sharded_checkpoint
 from lightning_dino.networks.backbones import create_timm_backbone
 from lightning_dino.networks.sharding import copy_full_
 from lightning_dino.setting_names import setting
@@ -88,7 +89,8 @@ def start_state(
     """
     path = Path(path).expanduser()
     exported = path.name == "model.safetensors" and (path.parent / "config.json").is_file()
-    if path.is_dir() or path.name == "config.json" or exported:
+    exported |= path.is_dir() and not is_sharded_checkpoint(path)
+    if path.name == "config.json" or exported:
         weights = load_backbone(path).state_dict()
         return {f"backbone.{k}": v for k, v in weights.items()}, False
     if path.suffix == ".ckpt":

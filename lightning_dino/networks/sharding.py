@@ -13,6 +13,7 @@ The helpers below let the rest of the package work on local shards without gathe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -134,13 +135,23 @@ def shard_network(network: nn.Module, mesh: object, param_dtype: torch.dtype | N
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 warns that a root returning a view (the class token, x[:, 0]) loses its backward
+    # hook to an in-place op on it; no code of the package modifies features in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for param in network.parameters():  # FSDP2 shards contiguous tensors (not channels-last)
         if not param.is_contiguous():
             param.data = param.data.contiguous()
     backbone = getattr(network, "backbone", network)
+    # A backbone compiled whole (``compile=True``) is compiled block by block instead, after the
+    # blocks are sharded, as DINOv3 does: each compiled block then runs between its own
+    # gather and free. (nn.Module.compile has no public undo; this is the attribute it sets.)
+    compiled = getattr(backbone, "_compiled_call_impl", None) is not None
+    backbone._compiled_call_impl = None
     for block in shard_blocks(backbone):
         fully_shard(block, mesh=mesh, mp_policy=policy)
+        if compiled:
+            block.compile(dynamic=False)
     fully_shard(backbone, mesh=mesh, mp_policy=policy)
     if backbone is not network:
         for child in network.children():

@@ -13,6 +13,8 @@ import torch
 
 from tests.test_ddp import RUN, free_port
 
+pytestmark = pytest.mark.tier2  # `make test-all`: two-rank runs, about 4 minutes
+
 ROOT = Path(__file__).parents[2]
 CONF = ROOT / "tests" / "conf"
 PROBES = "tests.scripts.probes"
@@ -150,3 +152,35 @@ def test_sigterm_then_resume_of_a_sharded_run_ends_bit_identical_and_the_folder_
     finish(launch([*SHARDED, "--trainer.devices=1", "--ckpt_path", str(folder)], one))
     # Its last epoch, alone: 16 images in batches of 4, 4 steps after the saved 4.
     assert torch.load(one / "rank0.pt", weights_only=False)["global_step"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_blocks_train_sharded_as_the_eager_ones(tmp_path):
+    runs = {}
+    for name, flags in (("eager", []), ("compiled", ["--model.compile=true"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        runs[name] = launch([*RUN, *DINO_FLAGS, "--trainer.strategy=fsdp2", "--trainer.devices=2", "--model.optimizer=sgd",
+                             *flags], folder)
+    for process in runs.values():
+        finish(process)
+    eager, compiled = ranks(tmp_path / "eager"), ranks(tmp_path / "compiled")
+    for rank in (0, 1):
+        for row, other in zip(compiled[rank]["rows"], eager[rank]["rows"], strict=True):
+            torch.testing.assert_close(row["loss"], other["loss"], rtol=1e-4, atol=1e-5)
+        assert_same_networks(compiled[rank], eager[rank])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_lightnings_own_strategy_from_python_trains_and_refuses_tensor_parallelism(tmp_path, tensor_parallel):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "own_trainer_sharded.py"),
+                           str(tensor_parallel)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    if tensor_parallel == 1:
+        assert done.returncode == 0 and "global_step 2" in done.stdout, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0
+        assert "DINO shards data-parallel only" in done.stderr and "strategy='fsdp2'" in done.stderr
