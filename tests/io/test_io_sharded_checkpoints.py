@@ -49,5 +49,5 @@ def test_consolidate_writes_a_file_that_load_from_checkpoint_reads(folder, tmp_p
     loaded = DINO.load_from_checkpoint(written)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    with pytest.raises(FileNotFoundError, match="not a sharded checkpoint folder .* needs no consolidation"):
+    with pytest.raises(FileNotFoundError, match=r"not a sharded checkpoint folder .* needs no consolidation"):
         consolidate(str(written), str(tmp_path / "again.ckpt"))
