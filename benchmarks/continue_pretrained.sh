@@ -5,7 +5,8 @@
 # new heads and no warm-up, and (b) with the warm-up of configs/continue_pretrained.yaml: heads
 # first against the frozen backbone, then the backbone's lr ramped up. Budgets are this process's
 # CPU minutes on one thread (--clock cpu), so other load on the machine does not change them.
-#   bash benchmarks/continue_pretrained.sh runs/continue   (about 45 CPU minutes)
+#   bash benchmarks/continue_pretrained.sh runs/continue   (32 CPU minutes of training and the
+#   k-NN evaluations: about an hour of wall time on a 2-core machine)
 set -euo pipefail
 OUT="${1:-runs/continue}"
 PRETRAIN_MIN="${PRETRAIN_MIN:-12}"

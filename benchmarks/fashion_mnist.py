@@ -155,13 +155,13 @@ def main() -> None:
     cli.trainer.fit(cli.model, cli.datamodule)
     label = "distilled student (EMA)" if isinstance(cli.model, Distillation) else "DINO teacher"
     started = any(flag.startswith("--model.start_from") for flag in overrides)
-    write_outputs(timer.rows, raw, Path(args.out), Path(args.config).stem, label,
-                  "start weights" if started else "random init")
+    initial = "start weights" if started else "random init"
+    write_outputs(timer.rows, raw, Path(args.out), Path(args.config).stem, label, initial)
     final, init = timer.rows[-1], timer.rows[0]
     print(
         f"final k-NN top1 {100 * final['top1']:.2f}% after {final['minutes']:.1f} min "
         f"(epoch {final['epoch']}, step {final['step']}) | raw pixels {100 * raw:.2f}% | "
-        f"minute 0 {100 * init['top1']:.2f}% | curve: {args.out}/curve.png"
+        f"{initial} (minute 0) {100 * init['top1']:.2f}% | curve: {args.out}/curve.png"
     )
 
 

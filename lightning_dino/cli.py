@@ -267,7 +267,10 @@ def _with_bare_flags_true(tool: Callable[..., Any], args: list[str]) -> list[str
 
 
 def _overview() -> str:
-    tools = "\n".join(f"  {name:<10} {_load_tool(name).__doc__.splitlines()[0]}" for name in TOOLS)
+    width = max(map(len, TOOLS))
+    tools = "\n".join(
+        f"  {name:<{width}} {_load_tool(name).__doc__.splitlines()[0]}" for name in TOOLS
+    )
     return (
         f"lightning-dino {__version__}: DINO self-supervised pre-training.\n\n"
         "Training (LightningCLI; `lightning-dino fit --help` lists every key):\n"

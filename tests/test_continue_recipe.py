@@ -17,8 +17,10 @@ TINY = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads
 
 
 @pytest.fixture(autouse=True)
-def _bare_argv(monkeypatch):
+def _bare_argv(monkeypatch, tmp_path):
+    """No command-line flags of pytest's, and the run's config.yaml written into tmp_path."""
     monkeypatch.setattr(sys, "argv", ["lightning-dino"])
+    monkeypatch.chdir(tmp_path)
 
 
 def test_the_recipe_protects_the_backbone():

@@ -30,7 +30,7 @@ from lightning_dino.cli import TOOLS, _load_tool, _with_bare_flags_true, train
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))]
-OTHER_PROGRAMS = {"pip", "tensorboard", "aws", "gsutil", "sbatch", "cp", "rsync", "export", "cd"}
+OTHER_PROGRAMS = {"git", "pip", "tensorboard", "aws", "gsutil", "sbatch", "cp", "rsync", "export", "cd"}
 COMMAND_START = re.compile(r"^(lightning-dino |python (-m lightning_dino|benchmarks/|examples/)|make )")
 
 
@@ -127,6 +127,9 @@ def check(words: list[str]) -> None:
             check_tool(args[0], args[1:])
     elif program in ("python", "python3", ".venv/bin/python"):
         check_script(args[0], args[1:])
+    elif program == "bash":
+        script = REPO / args[0]
+        assert script.is_file(), f"{args[0]} does not exist"
     elif program == "make":
         targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.M)
         assert all(target in targets for target in args), f"Makefile has no target {args}"
@@ -204,3 +207,16 @@ def test_every_page_is_in_the_site_navigation():
     pages = [p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").glob("**/*.md")]
     missing = [page for page in pages if f": {page}" not in nav]
     assert not missing, f"mkdocs.yml's nav does not list {missing}"
+
+
+def test_the_api_reference_turns_sphinx_roles_into_links_or_code():
+    """docs/griffe_sphinx_roles.py: a documented name becomes a link, any other name inline code."""
+    spec = importlib.util.spec_from_file_location("sphinx_roles", REPO / "docs" / "griffe_sphinx_roles.py")
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    public = {"lightning_dino.DINO": "lightning_dino.DINO", "lightning_dino.dino.DINO": "lightning_dino.DINO"}
+    text = ("See :class:`~lightning_dino.dino.DINO`, :class:`lightning_dino.DINO` and "
+            ":func:`~lightning_dino.training.resume.check_resume`.")
+    rewritten = roles.ROLE.sub(lambda match: roles._rewrite(match, public), text)
+    assert rewritten == ("See [`DINO`][lightning_dino.DINO], [`lightning_dino.DINO`][lightning_dino.DINO] and "
+                         "`check_resume`.")

@@ -58,7 +58,7 @@ def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def consolidate(ckpt: str, out: str) -> Path:
-    """Write a sharded checkpoint folder as one ``.ckpt`` file (weights and metadata).
+    """Write a sharded checkpoint folder as one .ckpt file (weights and metadata).
 
     ``lightning-dino consolidate --ckpt runs/x/checkpoints/last.ckpt --out last_full.ckpt``; the
     file loads with ``DINO.load_from_checkpoint`` and every tool. It holds no optimizer state:
