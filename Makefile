@@ -26,8 +26,8 @@ lint: venv
 test: venv fashion-mnist lint
 	$(PY) -m pytest -q -m "not tier2"
 
-# The second tier: slow multi-rank checks (sharded training on two CPU ranks, the GPU script's
-# dry run). `make test-all` is both tiers, as CI runs them.
+# The second tier: the slow checks that start two CPU ranks (DDP, sharded training) and the GPU
+# script's dry run. `make test-all` is both tiers, as CI runs them.
 test-tier2: venv
 	$(PY) -m pytest -q -m tier2
 

@@ -45,10 +45,9 @@ class DINO(Method):
     Defaults are the reference's command-line defaults (``main_dino.py``); the paper's boosted
     recipe (teacher temperature 0.04 -> 0.07 over 30 epochs, ``norm_last_layer=False``) is a config.
 
-    Training batches are ``(crops, labels)`` (labels ignored) or a bare list of crops: crop-major
-    tensors ``[g1, g2, l1..lN]`` of shape (B, C, H, W). The teacher sees the first
-    ``n_global_crops`` crops under no_grad; the student sees all of them, one backbone call per
-    resolution and one head call.
+    Training batches are ``(crops, labels)`` (labels ignored) or a bare list of crop-major tensors
+    ``[g1, g2, l1..lN]``, each (B, C, H, W). The teacher sees the first ``n_global_crops`` under
+    no_grad; the student sees all, one backbone call per resolution and one head call.
 
     Args:
         backbone: A timm model name (any timm model; ViTs get dynamic image size) or an
@@ -139,6 +138,11 @@ class DINO(Method):
             package (backbone and heads), an export directory or a weights file of the timm
             backbone (:mod:`~lightning_dino.io.start_weights`); read once, never needed to
             restore the run.
+
+    Examples:
+        >>> model = DINO(backbone="resnet18", out_dim=4096)  # the teacher: a copy, moved by EMA
+        >>> data = MultiCropDataModule(dataset="folder", data_dir="photos/")
+        >>> pl.Trainer(max_epochs=100).fit(model, data)  # doctest: +SKIP
     """
 
     structural_keys = (
@@ -297,11 +301,7 @@ class DINO(Method):
         return [message for term in TERMS for message in term.resume_warnings(saved, self.hparams)]
 
     def teacher_temp(self, epoch: int, step: int | None = None) -> float:
-        """Teacher temperature at ``epoch`` (or optimizer ``step`` with ``teacher_temp_per_step``).
-
-        A linear warmup from ``warmup_teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs
-        (per epoch as DINO, or per step as DINOv2), then constant.
-        """
+        """The teacher temperature: linear warmup then constant, per epoch or per step (DINOv2)."""
         hp = self.hparams
         if hp.teacher_temp_per_step and step is not None:
             warmup_steps = round(hp.warmup_teacher_temp_epochs * self.steps_per_epoch)

@@ -99,6 +99,15 @@ class Distillation(Method):
         backbone_dim: Feature width of an ``nn.Module`` student that cannot be probed.
         monitors: Bring the throughput log and crop grid (and, for ``"dino"``, the collapse
             warning).
+
+    Examples:
+        >>> # a released teacher: teacher_kwargs={"pretrained": True,
+        >>> #     "pretrained_cfg_overlay": {"file": "teacher.safetensors"}}
+        >>> model = Distillation(teacher="resnet50", backbone="resnet18")
+        >>> any(parameter.requires_grad for parameter in model.teacher.parameters())
+        False
+        >>> data = MultiCropDataModule(dataset="folder", data_dir="photos/", n_local_crops=0)
+        >>> pl.Trainer(max_epochs=50).fit(model, data)  # doctest: +SKIP
     """
 
     evaluated_network = "ema"

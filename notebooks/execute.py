@@ -25,6 +25,9 @@ from nbclient import NotebookClient
 HERE = Path(__file__).resolve().parent
 KERNEL_NAME = "lightning-dino-notebooks"
 PROGRESS = re.compile(r"\d+%\|")  # a progress bar's line
+# Lines of the execution machine, not of the notebook: warnings (and the source line Python prints
+# under each), Lightning's hardware and advertising lines.
+NOISE = re.compile(r"Warning: |^\S+\.py:\d+: |^\s+(from|import) |^(GPU|TPU|HPU) available|Tip: ")
 
 
 def execute(name: str, cell_timeout_s: int) -> float:
@@ -51,17 +54,22 @@ def execute(name: str, cell_timeout_s: int) -> float:
         ).execute()
         seconds = time.perf_counter() - start
     notebook.metadata.pop("widgets", None)
+    dropped: list[str] = []
     for cell in notebook.cells:
         if cell.cell_type == "code":
-            cell.outputs = tidy_streams(cell.outputs)
+            cell.outputs = tidy_streams(cell.outputs, dropped)
+    for line in dict.fromkeys(dropped):  # once each, in order
+        print(f"{name}: left out of the stored output: {line.strip()}")
     nbformat.write(notebook, path)
     return seconds
 
 
-def tidy_streams(outputs: list) -> list:
+def tidy_streams(outputs: list, dropped: list[str]) -> list:
     """Merge consecutive stream outputs and keep each line's last progress-bar state.
 
     Progress bars redraw a line with carriage returns; stored as is, every redraw would show.
+    Lines of the execution machine (``NOISE``) are left out of the stored output and appended to
+    ``dropped``, for the person running this script to read.
     """
     tidied: list = []
     for output in outputs:
@@ -78,13 +86,14 @@ def tidy_streams(outputs: list) -> list:
         if output.output_type == "stream":
             text = output.text.replace("\x1b[A", "")
             lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
-            kept = [
-                line
-                for line in lines
-                if line.strip() and (not PROGRESS.search(line) or "100%|" in line)
-            ]
+            kept = []
+            for line in lines:
+                if NOISE.search(line):
+                    dropped.append(line)
+                elif line.strip() and (not PROGRESS.search(line) or "100%|" in line):
+                    kept.append(line)
             output.text = "\n".join(kept) + "\n"
-    return tidied
+    return [output for output in tidied if output.output_type != "stream" or output.text.strip()]
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -11,6 +13,28 @@ from torch.utils.data import DataLoader, Dataset
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _bare_argv(monkeypatch):
+    """LightningCLI reads sys.argv when given no arguments, and warns when pytest's flags are there."""
+    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
+
+
+@pytest.fixture
+def in_tmp_path(monkeypatch, tmp_path):
+    """The test runs in tmp_path, so a run's config.yaml and logs land there."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _checkout_stays_clean():
+    """A test that writes into the checkout's top folder (a run's config.yaml, runs/) fails."""
+    before = set(os.listdir(REPO))
+    yield
+    written = sorted(set(os.listdir(REPO)) - before)
+    assert not written, f"the test wrote {written} into {REPO}: write under tmp_path (monkeypatch.chdir)"
 
 TINY_VIT = {
     "backbone": "vit_tiny_patch16_224",

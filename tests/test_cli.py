@@ -14,12 +14,6 @@ from lightning_dino.cli import main
 CONF = Path(__file__).parent / "conf"
 
 
-@pytest.fixture(autouse=True)
-def _bare_argv(monkeypatch):
-    """LightningCLI warns when both args and pytest's own sys.argv are present."""
-    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
-
-
 @pytest.fixture
 def built(monkeypatch):
     """The LightningCLI objects that `main` builds (it returns nothing), to inspect their runs."""

@@ -1,7 +1,6 @@
 """configs/continue_pretrained.yaml: it starts the networks from a released model's weights file,
 protects the backbone with the heads-first warm-up, and trains two steps with tiny overrides."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "continue_pretrained.
 TINY = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _bare_argv(monkeypatch, tmp_path):
-    """No command-line flags of pytest's, and the run's config.yaml written into tmp_path."""
-    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def test_the_recipe_protects_the_backbone():

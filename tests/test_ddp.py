@@ -47,6 +47,7 @@ def finish(process):
     assert process.returncode == 0, stderr[-4000:]
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_ranks_with_half_batches_match_one_process(tmp_path):

@@ -5,6 +5,7 @@ over that rank's images only, as in DINOv2 (the logged term is the mean of the t
 
 import os
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -53,6 +54,7 @@ def _one_ddp_step(rank):
             "world_size": trainer.world_size, "step": trainer.global_step}
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_ibot_centre_is_all_reduced_and_koleo_is_per_rank(tmp_path):
     ranks = run_on_gloo(_one_ddp_step, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [1, 1]

@@ -1,21 +1,13 @@
 """configs/fashion_mnist_dinov2.yaml parses with iBOT and KoLeo on, and trains 2 steps on
 Fashion-MNIST (a 256-image subset) with every loss term finite and the k-NN monitor reporting."""
 
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from lightning_dino.cli import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_dinov2.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _bare_argv(monkeypatch):
-    """LightningCLI warns when both args and pytest's own sys.argv are present."""
-    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
 
 
 def test_recipe_parses_with_the_dinov2_parts_on():

@@ -65,6 +65,7 @@ def _one_ddp_step(rank):
             "teacher": {k: v.clone() for k, v in model.teacher.state_dict().items()}}
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_dinov3_switches_under_ddp(tmp_path):
     ranks = run_on_gloo(_one_ddp_step, tmp_path)
     for r in ranks:

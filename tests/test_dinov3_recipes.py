@@ -2,7 +2,6 @@
 with tiny overrides (a CPU, a tiny ViT of the same family, synthetic images), each phase starting
 from the previous phase's checkpoint as its header says."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,7 @@ TINY = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=
         "--data.n_local_crops=2", "--data.eval_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def _bare_argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def recipe(name):

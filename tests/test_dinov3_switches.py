@@ -121,6 +121,7 @@ def _koleo_rank(rank):
     return {"loss": loss.detach(), "grad": mine.grad.clone(), "all": everyone.detach()}
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_koleo_over_a_group_of_ranks_seeks_neighbours_in_every_rank_of_the_group(tmp_path):
     """dinov3/loss/koleo_loss.py (distributed): differentiable all-gather, neighbours in the group."""
     ranks = run_on_gloo(_koleo_rank, tmp_path)

@@ -3,6 +3,7 @@ into a ResNet on a folder of images; two steps with tiny overrides (the folder, 
 
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 import yaml
@@ -10,7 +11,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lightning_dino.cli import train
-from tests.test_continue_recipe import TINY, _bare_argv  # noqa: F401 (the autouse fixture applies here too)
+from tests.test_continue_recipe import TINY
+
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distill_my_images.yaml"
 

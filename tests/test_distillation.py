@@ -232,6 +232,7 @@ def dump(out_dir):
     return ["--trainer.callbacks+=tests.scripts.probes.DumpState", f"--trainer.callbacks.out_dir={out_dir}"]
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_gloo_ranks_with_half_batches_match_one_process(tmp_path):

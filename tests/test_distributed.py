@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU: the centre is the mean over every rank's global crops."""
 
+import pytest
 import torch
 
 from lightning_dino import DINOLoss
@@ -21,6 +22,7 @@ def _centre_of_rank(rank: int) -> torch.Tensor:
     return loss_fn.center.clone()
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_centre_is_global_mean_over_ranks(tmp_path):
     results = run_on_gloo(_centre_of_rank, tmp_path)
     all_logits = torch.cat([rank_teacher_logits(r).reshape(-1, OUT_DIM) for r in range(2)])

@@ -1,7 +1,6 @@
 """A training run's lifecycle: precision of the loss, what Lightning's monitors see, a second fit,
 and resuming with changed or unreadable inputs."""
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,12 +17,6 @@ from lightning_dino.training.resume import settle_epoch_end
 from tests.conftest import TINY_VIT, CropData, make_trainer
 
 CONF = Path(__file__).parent / "conf"
-
-
-@pytest.fixture
-def _bare_argv(monkeypatch):
-    """LightningCLI warns when both args and pytest's own sys.argv are present."""
-    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
 
 
 # Precision ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ full run (``python notebooks/execute.py``), which the tests here execute again, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -96,5 +97,24 @@ def test_notebooks_are_stored_with_the_outputs_of_a_full_run(name):
         assert not errors, f"{name}: cell {cell.get('id')} stored an error"
         text = "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
         assert "LIGHTNING_DINO_SMOKE" not in text
+        for machine_text in ("Warning", "/tmp/", "/work/", "/home/", "site-packages"):
+            assert machine_text not in text, f"{name}: a stored output shows {machine_text!r}"
     images = [out for cell in code for out in cell.outputs if "image/png" in out.get("data", {})]
     assert images, f"{name}: no stored plot"
+
+
+def test_stored_outputs_leave_out_the_machines_warnings_and_progress_redraws():
+    spec = importlib.util.spec_from_file_location("execute", NOTEBOOKS / "execute.py")
+    execute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute)
+    warning = "/x/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found\n  from .auto import tqdm\n"
+    outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text=warning),
+        nbformat.v4.new_output("stream", name="stdout", text="GPU available: False, used: False\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="/x/_pytree.py:21: `LeafSpec` is deprecated\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="fit 10%|#\rfit 100%|##\ntop-1 85.0%\n"),
+    ]
+    dropped: list[str] = []
+    tidied = execute.tidy_streams(outputs, dropped)
+    assert [(output.name, output.text) for output in tidied] == [("stdout", "fit 100%|##\ntop-1 85.0%\n")]
+    assert len(dropped) == 4 and "TqdmWarning" in dropped[0]

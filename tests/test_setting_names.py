@@ -1,7 +1,6 @@
 """Messages name a setting the way its caller set it: `DINO(lr=...)` from Python, `--model.lr` from
 the `lightning-dino` command, and the Python way again once the command has returned or raised."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,7 @@ CONFIG = ["--config", str(CONF / "tiny_vit.yaml")]
 FIT = ["fit", *CONFIG]
 
 
-@pytest.fixture(autouse=True)
-def _bare_argv(monkeypatch, tmp_path):
-    """Runs write under tmp_path; LightningCLI warns when pytest's own sys.argv is present."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-dino"])
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 @pytest.mark.parametrize(("args", "python", "cli"), [

@@ -148,6 +148,15 @@ class MultiCropDataModule(pl.LightningDataModule):
     Raises:
         ValueError: If an argument is invalid; the message names it
             (:func:`~lightning_dino.setting_names.setting`).
+
+    Examples:
+        >>> data = MultiCropDataModule(dataset="synthetic", synthetic_size=8,
+        ...                            synthetic_image_size=32, global_crop_size=32,
+        ...                            local_crop_size=16, batch_size=4, num_workers=0)
+        >>> data.setup("fit")
+        >>> crops, labels = next(iter(data.train_dataloader()))
+        >>> len(crops), tuple(crops[0].shape), tuple(crops[-1].shape)
+        (10, (4, 3, 32, 32), (4, 3, 16, 16))
     """
 
     def __init__(

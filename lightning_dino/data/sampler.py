@@ -52,6 +52,10 @@ class EpochSampler(DistributedSampler):
             ranks together); applies to the next iteration only.
         iteration_epoch: Epoch of the most recent iteration (None before the first).
         iteration_start: ``start`` of the most recent iteration.
+
+    Examples:
+        >>> list(EpochSampler(range(10), num_replicas=2, rank=1, shuffle=False))
+        [1, 3, 5, 7, 9]
     """
 
     def __init__(
@@ -196,6 +200,14 @@ class ResumableDataLoader(DataLoader):
         sampler: An :class:`EpochSampler`; another sampler makes this a plain ``DataLoader``
             whose state is empty (Lightning may swap samplers, e.g. for ``overfit_batches``).
         **kwargs: Other ``DataLoader`` arguments (``drop_last``, ``num_workers``...).
+
+    Examples:
+        >>> sampler = EpochSampler(range(10), shuffle=False)
+        >>> loader = ResumableDataLoader(range(10), batch_size=2, sampler=sampler)
+        >>> next(iter(loader))
+        tensor([0, 1])
+        >>> loader.state_dict()["start"]  # a resumed run starts the epoch at sample 2
+        2
     """
 
     def __init__(

@@ -91,8 +91,8 @@ def attention_maps(vit: nn.Module, images: Tensor, threshold: float | None = Non
         TypeError: ``vit`` is not a timm VisionTransformer or Eva (see :func:`check_vit`).
 
     Examples:
-        >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)  # doctest: +SKIP
-        >>> attention_maps(vit, torch.randn(2, 3, 224, 224)).shape  # doctest: +SKIP
+        >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+        >>> attention_maps(vit, torch.randn(2, 3, 224, 224)).shape
         torch.Size([2, 3, 14, 14])
     """
     vit = check_vit(vit)
@@ -262,6 +262,9 @@ class AttentionMapMonitor(Callback):
 
     Attributes:
         last_grid: The latest logged grid, shape (3, H', W'), or None.
+
+    Examples:
+        >>> trainer = pl.Trainer(callbacks=[AttentionMapMonitor(every_n_epochs=10, n_images=8)])
     """
 
     def __init__(

@@ -77,6 +77,10 @@ def embed_images(
     Raises:
         FileNotFoundError: If ``image_dir`` is missing or holds no image files.
         ValueError: If no image could be decoded or the backbone does not return (B, D).
+
+    Examples:
+        >>> embed_images("exports/vits16", "photos/", "photos.safetensors")  # doctest: +SKIP
+        PosixPath('photos.safetensors')
     """
     image_dir, out_file = Path(image_dir), Path(out_file)
     files = [Path(path) for path, _ in find_image_files(image_dir)]
@@ -152,6 +156,9 @@ def load_embeddings(file: str | Path) -> tuple[Tensor, list[str]]:
     Returns:
         ``(embeddings, paths)``: a float32 tensor (N, D) and the N image paths relative to the
         embedded folder, in the same order.
+
+    Examples:
+        >>> embeddings, paths = load_embeddings("photos.safetensors")  # doctest: +SKIP
     """
     file = Path(file)
     embeddings = load_file(str(file))[EMBEDDINGS_KEY]

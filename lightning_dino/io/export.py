@@ -100,7 +100,8 @@ def export_backbone(
         ValueError: If it is not a DINO checkpoint or ``which`` is invalid.
 
     Examples:
-        >>> out = export_backbone("runs/dino/version_0/checkpoints/last.ckpt", "exports/vits16")
+        >>> checkpoint = "runs/dino/version_0/checkpoints/last.ckpt"
+        >>> out = export_backbone(checkpoint, "exports/vits16")  # doctest: +SKIP
         >>> sorted(path.name for path in out.iterdir())  # doctest: +SKIP
         ['config.json', 'model.safetensors']
     """
@@ -164,6 +165,10 @@ def load_backbone(path: str | Path, which: Which | None = None) -> nn.Module:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If ``path`` is neither an export nor a DINO checkpoint, if its backbone was a
             custom ``nn.Module`` (no timm name to rebuild it from), or if ``which`` mismatches.
+
+    Examples:
+        >>> backbone = load_backbone("exports/vits16").eval()  # doctest: +SKIP
+        >>> features = backbone(images)  # (B, D)  # doctest: +SKIP
     """
     path = Path(path)
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):

@@ -80,6 +80,11 @@ class DINOCheckpoint(ModelCheckpoint):
 
     Raises:
         ValueError: If ``last_every_n_train_steps`` is negative.
+
+    Examples:
+        >>> checkpoint = DINOCheckpoint(dirpath="runs/dino/checkpoints", save_last=True,
+        ...                             last_every_n_train_steps=1000)
+        >>> trainer = pl.Trainer(callbacks=[checkpoint], logger=False)
     """
 
     def __init__(
@@ -233,6 +238,9 @@ class RandomStateCallback(Callback):
     batch is drawn, which is where the interrupted run stood when it saved. With
     ``num_workers=0`` this makes augmentation and stochastic depth continue exactly; DataLoader
     worker processes have their own generators, which start afresh.
+
+    Examples:
+        >>> trainer = pl.Trainer(callbacks=[RandomStateCallback()], logger=False)
     """
 
     def __init__(self) -> None:

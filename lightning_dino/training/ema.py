@@ -25,6 +25,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         teacher: The EMA copy, updated in place.
         student: The trained network with the same architecture.
         momentum: EMA momentum m in [0, 1].
+
+    Examples:
+        >>> teacher, student = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        >>> _ = teacher.weight.data.fill_(1.0), student.weight.data.fill_(0.0)
+        >>> ema_update(teacher, student, momentum=0.9)
+        >>> round(teacher.weight.item(), 4)
+        0.9
     """
     reshard(teacher)  # sharded: its slices, not the weights a forward gathered
     teacher_params = list(teacher.parameters())
@@ -60,6 +67,11 @@ class TeacherEMA(Callback):
         copy_buffers: Also copy the student's buffers (BatchNorm statistics) into the target
             after each update, for a target that never runs during training (an EMA kept as the
             final model); DINO's teacher keeps its own, from its forwards.
+
+    Examples:
+        >>> ema = TeacherEMA(base_momentum=0.996)  # DINO adds one itself (configure_callbacks)
+        >>> ema.momentum(0, total_steps=100), ema.momentum(100, total_steps=100)
+        (0.996, 1.0)
     """
 
     def __init__(

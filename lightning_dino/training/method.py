@@ -209,15 +209,17 @@ class Method(StudentOptimization, pl.LightningModule):
         """A copy of one network's backbone to fine-tune: train mode, every parameter trainable.
 
         The evaluated network is frozen (``requires_grad=False``) and follows the student;
-        fine-tuning needs a separate, trainable copy::
-
-            backbone = DINO.load_from_checkpoint("last.ckpt").trainable_backbone()
+        fine-tuning needs a separate, trainable copy.
 
         Args:
             which: The network (``"teacher"``, ``"student"``, ``"ema"``); None: the evaluated one.
 
         Returns:
             A deep copy of the backbone, mapping (B, C, H, W) images to (B, D) features.
+
+        Examples:
+            >>> model = DINO.load_from_checkpoint("last.ckpt")  # doctest: +SKIP
+            >>> backbone = model.trainable_backbone()  # doctest: +SKIP
         """
         network = getattr(self, which or self.evaluated_network)
         return copy.deepcopy(network.backbone).train().requires_grad_(True)

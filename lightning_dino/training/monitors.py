@@ -19,6 +19,9 @@ class ThroughputLogger(Callback):
 
     The time between consecutive ``on_train_batch_start`` calls covers data loading, forward,
     backward, optimizer and EMA, i.e. what a user waits for.
+
+    Examples:
+        >>> trainer = pl.Trainer(callbacks=[ThroughputLogger()], logger=False)
     """
 
     def __init__(self) -> None:
@@ -50,6 +53,9 @@ class CropGridLogger(Callback):
 
     Args:
         n_samples: Number of samples shown.
+
+    Examples:
+        >>> trainer = pl.Trainer(callbacks=[CropGridLogger(n_samples=8)])
     """
 
     def __init__(self, n_samples: int = 4) -> None:

@@ -30,6 +30,12 @@ class TrainingInterrupted(SystemExit):
     Args:
         signum: The signal that asked the run to stop.
         checkpoint: Where the run was saved.
+
+    Examples:
+        >>> try:  # doctest: +SKIP
+        ...     trainer.fit(model, data)
+        ... except TrainingInterrupted as stop:  # SIGTERM or SIGUSR1: last.ckpt is written
+        ...     sys.exit(stop.code)  # 128 + signum, as a killed process would report
     """
 
     def __init__(self, signum: int, checkpoint: str) -> None:

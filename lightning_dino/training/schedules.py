@@ -94,6 +94,16 @@ class StepScheduler(LRScheduler):
         lr_at: Learning rate of a zero-based optimizer step.
         weight_decay_at: Weight decay of a zero-based optimizer step.
         backbone_factor_at: Extra factor of the groups marked ``backbone`` at a step (None: 1).
+
+    Examples:
+        >>> optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.0)
+        >>> scheduler = StepScheduler(optimizer, lr_at=lambda step: 0.1 / (1 + step),
+        ...                           weight_decay_at=lambda step: 0.04)
+        >>> optimizer.param_groups[0]["lr"]  # step 0's value, set at once
+        0.1
+        >>> optimizer.step(); scheduler.step()
+        >>> optimizer.param_groups[0]["lr"]
+        0.05
     """
 
     def __init__(

@@ -47,6 +47,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             single file (False: the model gathered on one rank).
         **kwargs: ``ModelParallelStrategy``'s other arguments (``process_group_backend``,
             ``timeout``).
+
+    Examples:
+        >>> trainer = pl.Trainer(strategy=FSDP2Strategy(), devices=8)  # doctest: +SKIP
     """
 
     def __init__(self, data_parallel_size: int | str = "auto",

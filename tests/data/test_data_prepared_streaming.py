@@ -251,6 +251,7 @@ def _epoch_labels(data_dir: str, rank: int) -> list[list[int]]:
     return [[label for _, labels in loader for label in labels.tolist()] for _ in range(2)]
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_with_two_workers_each_see_a_disjoint_part_and_together_everything(identity_data, tmp_path):
     ranks = run_on_gloo(partial(_epoch_labels, str(identity_data / "prepared")), tmp_path)

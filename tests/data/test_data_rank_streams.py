@@ -50,6 +50,7 @@ def _first_batches(rank, folder):
     return results
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_draw_different_crops_and_masks_on_every_path(tmp_path):

@@ -17,6 +17,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_knn_monitor_under_two_process_ddp(tmp_path):

@@ -74,6 +74,7 @@ def _sinkhorn_half(rank):
     return sinkhorn_knopp(logits[rank * 8:(rank + 1) * 8], teacher_temp=0.3)
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_sinkhorn_knopp_over_two_ranks_equals_one_process_on_all_rows(tmp_path):
     results = run_on_gloo(_sinkhorn_half, tmp_path)
     logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
@@ -86,6 +87,7 @@ def _sinkhorn_uneven(rank):
     return sinkhorn_knopp(logits[:11] if rank == 0 else logits[11:], teacher_temp=0.3)
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_sinkhorn_knopp_over_ranks_with_different_row_counts(tmp_path):
     """iBOT's masked patches differ in number per rank: 11 rows on one, 5 on the other."""
     results = run_on_gloo(_sinkhorn_uneven, tmp_path)

@@ -2,6 +2,7 @@
 shard on their own, full weights into shards and back, the per-tensor clip's full norms, gradients
 and buffers of the parts no shard holds."""
 
+import pytest
 import timm
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ def _round_trip(rank):
     return same, loaded, mask_grad, norms, holder.stat.clone()
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 def test_sharded_weights_gradients_and_buffers_match_the_unsharded_computation(tmp_path):
     results = run_on_gloo(_round_trip, tmp_path)
     for same, loaded, mask_grad, norms, stat in results:

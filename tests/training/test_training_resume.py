@@ -223,6 +223,7 @@ def test_checkpoint_replace_is_atomic_and_keeps_the_old_file_until_the_new_one_i
         DINOCheckpoint(last_every_n_train_steps=-1)
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path, local_master):
@@ -236,6 +237,7 @@ def test_sigterm_to_one_rank_of_a_ddp_run_stops_every_rank_at_one_step(tmp_path,
     assert len(last["callbacks"]["RandomStateCallback"]["ranks"]) == 2
 
 
+@pytest.mark.tier2  # two ranks: the second tier (make test-tier2)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_rank_resume_with_device_augmentation_and_ibot_masks_is_exact(tmp_path, local_master):
