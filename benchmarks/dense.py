@@ -524,6 +524,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def prepare_run(quick: bool, seed: int) -> tuple[Sizes, Tensor, EvalData]:
+    """One CPU thread (budgets are CPU seconds), the sizes, the training mosaics and the eval data."""
+    torch.set_num_threads(1)
+    sizes = QUICK if quick else FULL
+    return (sizes, *load_data(sizes, seed))
+
+
 def load_data(sizes: Sizes, seed: int) -> tuple[Tensor, EvalData]:
     """The training mosaics and the evaluation data, both fixed by ``seed``."""
     train = load_fashion_mnist(None, train=True)
@@ -555,9 +562,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         The table rows.
     """
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    sizes = QUICK if args.quick else FULL
-    mosaics, data = load_data(sizes, args.seed)
+    sizes, mosaics, data = prepare_run(args.quick, args.seed)
     rows, pca = [], {}
     for variant in args.variants:
         row, pca[variant] = run_variant(variant, mosaics, data, sizes, args)

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         The table rows.
     """
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    sizes = dense.QUICK if args.quick else dense.FULL
-    mosaics, data = dense.load_data(sizes, args.seed)
+    sizes, mosaics, data = dense.prepare_run(args.quick, args.seed)
     steps_per_epoch = len(mosaics) // sizes.batch_size
 
     pl.seed_everything(args.seed, verbose=False)

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dense  # benchmarks/ is a folder of scripts, not a package
@@ -122,9 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         The table rows.
     """
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    sizes = dense.QUICK if args.quick else dense.FULL
-    mosaics, data = dense.load_data(sizes, args.seed)
+    sizes, mosaics, data = dense.prepare_run(args.quick, args.seed)
     per_epoch = len(mosaics) // sizes.batch_size
     budget, steps, seed = args.budget_cpu_s, args.schedule_steps, args.seed
     folder = Path(tempfile.mkdtemp())

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import inspect
 import statistics
 import tempfile
@@ -52,6 +51,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_dino.benchmark import peak_memory, reset_peak_memory
 from lightning_dino.data import MultiCropDataModule
 from lightning_dino.dino import DINO
 from lightning_dino.losses.dino import DINOLoss
@@ -144,7 +144,8 @@ class PeakMemory:
     (``malloc_trim``), so the peak RSS measures what is live plus what the region allocates; the
     peak is reset through ``/proc/self/clear_refs`` (Linux). Where that is not possible it is the
     process-wide peak so far (``resource.getrusage``). It includes the runtime and every model
-    of the process, so compare variants by their differences.
+    of the process, so compare variants by their differences. The measuring is the
+    ``lightning-dino benchmark`` command's (``reset_peak_memory`` and ``peak_memory``).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -153,23 +154,11 @@ class PeakMemory:
 
     def reset(self) -> None:
         """Start a new region."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
+        reset_peak_memory(self.device)
 
     def read(self) -> None:
         """End the region and keep the largest peak seen."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
-            return
-        self.peak = max(self.peak, _rss_high_water_mark())
+        self.peak = max(self.peak, peak_memory(self.device))
 
     @staticmethod
     def label(device: torch.device) -> str:
@@ -179,19 +168,6 @@ class PeakMemory:
     def describe(self) -> str:
         """``peak GPU memory 1.23 GiB`` or ``peak RSS 1.23 GiB``."""
         return f"{self.label(self.device)} {self.peak / 2**30:.2f} GiB"
-
-
-def _rss_high_water_mark() -> int:
-    """The process's resident-set high-water mark in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def synchronize(device: torch.device) -> None:

@@ -208,6 +208,7 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> int:
     """Peak bytes since :func:`reset_peak_memory`: GPU allocator, or process RSS (VmHWM)."""
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

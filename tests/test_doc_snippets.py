@@ -39,8 +39,11 @@ def page_code(page: str) -> str:
     return "\n".join(python_blocks((REPO / page).read_text()))
 
 
-# a snippet repeated on several pages (the README's on getting_started.md) runs once
-UNIQUE_PAGES = list({page_code(page): page for page in reversed(PAGES)}.values())[::-1]
+# a snippet repeated on several pages (the README's on getting_started.md) runs once, on the first
+FIRST_PAGE_OF_CODE: dict[str, str] = {}
+for _page in PAGES:
+    FIRST_PAGE_OF_CODE.setdefault(page_code(_page), _page)
+UNIQUE_PAGES = list(FIRST_PAGE_OF_CODE.values())
 
 
 class OneStepTrainer(pl.Trainer):

@@ -44,6 +44,18 @@ def ranks(folder):
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
+def ddp_and_sharded(tmp_path, args: list[str]) -> tuple[list, list]:
+    """The same two-rank run under DDP and under fsdp2, side by side: each one's per-rank records."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        folder = tmp_path / strategy
+        folder.mkdir()
+        runs[strategy] = launch([*args, f"--trainer.strategy={strategy}", "--trainer.devices=2"], folder)
+    for process in runs.values():
+        finish(process)
+    return ranks(tmp_path / "ddp"), ranks(tmp_path / "fsdp2")
+
+
 def assert_same_networks(a, b, keys=("student", "teacher")):
     for key in keys:
         assert a[key].keys() == b[key].keys(), key
@@ -54,14 +66,7 @@ def assert_same_networks(a, b, keys=("student", "teacher")):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_dino_with_ibot_and_koleo_sharded_equals_ddp(tmp_path):
-    runs = {}
-    for strategy in ("ddp", "fsdp2"):
-        folder = tmp_path / strategy
-        folder.mkdir()
-        runs[strategy] = launch([*RUN, *DINO_FLAGS, f"--trainer.strategy={strategy}", "--trainer.devices=2"], folder)
-    for process in runs.values():
-        finish(process)
-    ddp, sharded = ranks(tmp_path / "ddp"), ranks(tmp_path / "fsdp2")
+    ddp, sharded = ddp_and_sharded(tmp_path, [*RUN, *DINO_FLAGS])
     assert sharded[0]["global_step"] == ddp[0]["global_step"] == 4
     start = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=False)
     for rank in (0, 1):
@@ -88,14 +93,7 @@ DISTILL = ["fit", "--config", str(CONF / "tiny_distill.yaml"), "--seed_everythin
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_distilling_a_vit_into_a_resnet_sharded_equals_ddp(tmp_path):
-    runs = {}
-    for strategy in ("ddp", "fsdp2"):
-        folder = tmp_path / strategy
-        folder.mkdir()
-        runs[strategy] = launch([*DISTILL, f"--trainer.strategy={strategy}", "--trainer.devices=2"], folder)
-    for process in runs.values():
-        finish(process)
-    ddp, sharded = ranks(tmp_path / "ddp"), ranks(tmp_path / "fsdp2")
+    ddp, sharded = ddp_and_sharded(tmp_path, DISTILL)
     assert sharded[0]["global_step"] == ddp[0]["global_step"] == 4
     for rank in (0, 1):
         assert_same_networks(sharded[rank], ddp[rank], keys=("student", "ema", "teacher"))
